@@ -1,0 +1,1 @@
+"""Data pipeline: raw text -> tokenizer -> packed token blocks -> webdataset shards -> batches."""

@@ -1,0 +1,123 @@
+"""`dlm`: the one command-line entry point.
+
+    dlm data build INPUT... --out DIR --seq-len N     text/jsonl -> webdataset shards + manifest
+    dlm train CONFIG [key.sub=value ...]              train (resumes the run's latest checkpoint)
+    dlm config show CONFIG [key.sub=value ...]        print the resolved config as YAML
+    dlm config docs                                   every config key with default and meaning
+
+Subcommands are registered in `COMMANDS` (path -> (help, add_arguments, run)); heavy imports
+happen inside the `run` functions so that `--help` is instant. User errors (`DLMError`) print one
+line, `error: ...`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from pretrain.errors import DLMError
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides applied after the file, e.g. train.steps=50 model.num_layers=2",
+    )
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
+    from pretrain.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def _run_config_show(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _run_config_docs(args: argparse.Namespace) -> int:
+    from pretrain.config import field_docs
+
+    for key, default, doc in field_docs():
+        print(f"{key} = {default}\n    {doc}")
+    return 0
+
+
+def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    from data_pipeline.commands import add_build_arguments
+
+    add_build_arguments(parser)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from data_pipeline.commands import run_build
+
+    return run_build(args)
+
+
+COMMANDS: dict[tuple[str, ...], Command] = {
+    ("data", "build"): (
+        "tokenize text/jsonl files (or the built-in demo corpus) into webdataset shards",
+        _add_build_arguments,
+        _run_build,
+    ),
+    ("train",): (
+        "train a diffusion LM from a YAML config (auto-resumes from the latest checkpoint)",
+        _config_arguments,
+        _run_train,
+    ),
+    ("config", "show"): ("print the resolved config as YAML", _config_arguments, _run_config_show),
+    ("config", "docs"): (
+        "list every config key with its default and meaning",
+        lambda p: None,
+        _run_config_docs,
+    ),
+}
+
+GROUP_HELP = {"data": "build and inspect datasets", "config": "inspect configs"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlm", description="Pretrain masked and hybrid diffusion language models."
+    )
+    root = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, (help_text, add_arguments, run) in COMMANDS.items():
+        if len(path) == 1:
+            sub = root.add_parser(path[0], help=help_text, description=help_text)
+        else:
+            if path[0] not in groups:
+                group = root.add_parser(path[0], help=GROUP_HELP[path[0]])
+                groups[path[0]] = group.add_subparsers(
+                    dest="subcommand", metavar="SUBCOMMAND", required=True
+                )
+            sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except DLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sharded, crash-safe checkpoints (save / resume)."""

@@ -1,0 +1,31 @@
+"""Typed run configuration: dataclasses (`schema`) and the strict YAML loader (`loader`)."""
+
+from pretrain.config.loader import field_docs, flatten, load_config, to_dict, to_yaml
+from pretrain.config.schema import (
+    Config,
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "DiffusionConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "field_docs",
+    "flatten",
+    "load_config",
+    "to_dict",
+    "to_yaml",
+]

@@ -1,0 +1,220 @@
+"""The typed configuration of a run.
+
+Every section is a keyword-only dataclass; the string literal under a field is its documentation
+(`dlm config docs` prints them). YAML files and dotted CLI overrides are mapped onto these classes
+strictly by `pretrain.config.loader`: unknown keys and wrong types are errors that name the key.
+Cross-field rules live in each section's `validate()` and raise `ConfigError` naming the keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pretrain.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "tiny"
+    """Run name: the run directory is `<output_dir>/<name>` and the MLflow run is named after it."""
+    output_dir: str = "runs"
+    """Root of all run directories; the default MLflow store (`mlflow.db`) lives here too."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vocab_size: int | None = None
+    """Tokenizer vocabulary incl. special tokens; null takes it from the data manifest."""
+    hidden_size: int = 256
+    """Width of the residual stream (d_model)."""
+    num_layers: int = 4
+    """Number of transformer layers."""
+    num_attention_heads: int = 4
+    """Query heads per layer."""
+    num_query_groups: int | None = None
+    """Key/value heads (grouped-query attention); null means one per query head (MHA)."""
+    ffn_hidden_size: int = 704
+    """Inner width of the SwiGLU MLP (each of the gate and up projections)."""
+    rope_base: float = 10000.0
+    """RoPE base frequency (theta)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal weight init; output projections are scaled by 1/sqrt(2*num_layers)."""
+    attention_backend: str = "sdpa"
+    """Core attention kernel: `sdpa` (PyTorch fused, default), `flash` (flash-attn), `masked`."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding/output vocab is padded to a multiple of this (must be divisible by TP)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer layer in the backward pass to save activation memory."""
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ConfigError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"model.num_query_groups ({groups})"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ConfigError("model.hidden_size / model.num_attention_heads must be even for RoPE")
+        for key in ("hidden_size", "num_layers", "ffn_hidden_size", "make_vocab_size_divisible_by"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
+
+
+@dataclass(kw_only=True)
+class DiffusionConfig:
+    objective: str = "masked"
+    """Training objective (registry): `masked` = masked-diffusion NELBO (LLaDA/MDLM)."""
+    schedule: str = "linear"
+    """Noise schedule alpha(t) (registry): `linear`, `cosine`, `loglinear`."""
+    eps: float = 1e-3
+    """t is drawn from U(eps, 1): keeps the 1/t-like weights finite."""
+    antithetic: bool = True
+    """Stratify t across the global batch: t_b = (u + b/B) mod 1, lowers the loss variance."""
+    loss_normalization: Literal["token_slot", "masked_token"] = "token_slot"
+    """Divide the weighted loss by B*L token slots (LLaDA pretraining) or by the masked count."""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.eps < 1.0:
+            raise ConfigError(f"diffusion.eps must be in [0, 1), got {self.eps}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = "data/demo"
+    """Directory holding `manifest.json`, `tokenizer.json` and the webdataset shards."""
+    seq_len: int = 128
+    """Tokens per training sequence; must equal the manifest's seq_len."""
+    tokenizer: str | None = None
+    """Optional tokenizer.json the model is meant for; its hash must match the manifest's."""
+    verify_checksums: bool = True
+    """Check each shard's sha256 against the manifest when it is opened."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 600
+    """Optimizer steps to train for (the run stops at this global step)."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward on each data-parallel rank."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seed: int = 1234
+    """Seeds the model init, the data order and the diffusion corruption."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` uses CUDA when available."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto` is bf16 on CUDA and fp32 on CPU."""
+    log_interval: int = 10
+    """Steps between metric logs (console and MLflow)."""
+    eval_interval: int = 100
+    """Steps between validation passes (0 disables; a final one always runs)."""
+    eval_batches: int = 4
+    """Validation batches per pass (fixed samples, fixed t-grid, fixed mask seed)."""
+    checkpoint_interval: int = 200
+    """Steps between checkpoints (0 disables; a final one is always written)."""
+    keep_last: int = 3
+    """Complete checkpoints kept on disk; older ones are deleted after a successful save."""
+    resume: Literal["auto", "never"] = "auto"
+    """`auto` resumes from the run's latest complete checkpoint if there is one."""
+
+    def validate(self) -> None:
+        for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "keep_last"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
+        for key in ("eval_interval", "checkpoint_interval", "eval_batches"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 50
+    """Linear warmup from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor_parallel: int = 1
+    """Tensor-parallel size (Megatron-core column/row-parallel layers)."""
+    pipeline_parallel: int = 1
+    """Pipeline-parallel stages (DeepSpeed pipeline engine)."""
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    """DeepSpeed ZeRO stage for the data-parallel optimizer state/gradient/parameter sharding."""
+
+    def validate(self) -> None:
+        for key in ("tensor_parallel", "pipeline_parallel"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"parallel.{key} must be positive, got {getattr(self, key)}")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    enabled: bool = True
+    """Log params, metrics and artifacts to MLflow (rank 0 only)."""
+    uri: str | None = None
+    """Tracking URI; null uses $MLFLOW_TRACKING_URI, else `sqlite:///<output_dir>/mlflow.db`."""
+    experiment: str = "dlm-pretrain"
+    """MLflow experiment name."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Where the run writes."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Transformer architecture."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Diffusion objective and noise schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop, batch, logging, evaluation and checkpoint cadence."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking."""
+
+    def validate(self) -> None:
+        for section in (self.model, self.diffusion, self.train, self.optim, self.parallel):
+            section.validate()
+        tp = self.parallel.tensor_parallel
+        if self.model.num_attention_heads % tp:
+            raise ConfigError(
+                f"model.num_attention_heads ({self.model.num_attention_heads}) must be divisible "
+                f"by parallel.tensor_parallel ({tp})"
+            )
+        if self.model.make_vocab_size_divisible_by % tp:
+            raise ConfigError(
+                f"model.make_vocab_size_divisible_by ({self.model.make_vocab_size_divisible_by}) "
+                f"must be divisible by parallel.tensor_parallel ({tp})"
+            )

@@ -1,0 +1,1 @@
+"""Diffusion maths: noise schedules, the corruption process and the training objectives."""

@@ -1,0 +1,143 @@
+"""Training objectives. An objective turns clean tokens into a model input plus per-token loss
+weights (`prepare`), and per-token cross-entropies into a scalar loss (`loss`).
+
+Splitting it this way keeps the objective ignorant of the parallel layout: the corruption runs
+before the model (identically on every rank of a replica), and the loss is a weighted sum of the
+per-token CE the model's last stage produces, whatever the pipeline or tensor layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pretrain.config import DiffusionConfig
+from pretrain.diffusion.corruption import (
+    CorruptionKey,
+    derived_generator,
+    mask_tokens,
+    sample_times,
+)
+from pretrain.diffusion.schedules import NoiseSchedule, build_schedule
+from pretrain.errors import ConfigError
+
+
+@dataclass
+class DiffusionBatch:
+    inputs: torch.Tensor
+    """x_t [b, s]: the model input."""
+    targets: torch.Tensor
+    """x0 [b, s]: what the model predicts."""
+    loss_weights: torch.Tensor
+    """[b, s] fp32: 1[x_t = m] * Z * w(t); zero wherever the token is visible (never a target)."""
+    masked: torch.Tensor
+    """[b, s] bool."""
+    t: torch.Tensor
+    """[b]: diffusion time per sequence."""
+    attention_mask: torch.Tensor | None = None
+    """None (bidirectional) or bool [b|1, 1, s, s], True = may attend."""
+
+
+# Explicit normalisation (DESIGN.md sec. 3): the metric name says which one produced the loss.
+NORMALIZATIONS: dict[str, tuple[str, Callable[[torch.Tensor, DiffusionBatch], torch.Tensor]]] = {
+    # sum over masked tokens / (B * L): an unbiased per-token NELBO estimate (LLaDA pretraining)
+    "token_slot": ("nelbo_per_token_slot", lambda s, b: s / b.targets.numel()),
+    # sum over masked tokens / number masked: lower variance, biased towards high-t sequences
+    "masked_token": (
+        "weighted_ce_per_masked_token",
+        lambda s, b: s / b.masked.sum().clamp(min=1),
+    ),
+}
+
+
+class MaskedDiffusion:
+    """Masked (absorbing-state) diffusion, the LLaDA/MDLM objective:
+
+        L = E_{t~U(eps,1)} E_q  sum_i 1[x_t^i = m] * Z * w(t) * (-log p_theta(x0_i | x_t))
+
+    divided by B*L token slots (`token_slot`) or by the number of masked tokens (`masked_token`).
+    """
+
+    name = "masked"
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        *,
+        mask_id: int,
+        eps: float,
+        antithetic: bool,
+        normalization: str,
+    ):
+        self.schedule = schedule
+        self.mask_id = mask_id
+        self.eps = eps
+        self.antithetic = antithetic
+        self.z = schedule.window_normalizer(eps)
+        self.metric_name, self._normalize = NORMALIZATIONS[normalization]
+
+    def prepare(self, x0: torch.Tensor, key: CorruptionKey) -> DiffusionBatch:
+        """Corrupt a training micro-batch x0 [b, s] at the times the key assigns it."""
+        t = sample_times(x0.shape[0], key, eps=self.eps, antithetic=self.antithetic)
+        gen = derived_generator(key.seed, "mask", key.step, key.micro, key.replica)
+        return self._corrupt(x0, t, gen)
+
+    def prepare_eval(self, x0: torch.Tensor, key: CorruptionKey) -> DiffusionBatch:
+        """Validation corruption: a fixed t-grid over the whole validation set and fixed masks.
+
+        `key.micro` is the validation batch index and `key.micro_batches` their number, so the
+        j-th of the N validation sequences (over all replicas) gets t_j = eps + (1-eps)(j + 1/2)/N:
+        a midpoint rule over [eps, 1], identical at every evaluation and for every layout.
+        """
+        b = x0.shape[0]
+        j = torch.arange(b, dtype=torch.float64) + key.offset(b)
+        t = (self.eps + (1.0 - self.eps) * (j + 0.5) / key.total(b)).float()
+        return self._corrupt(
+            x0, t, derived_generator(key.seed, "eval-mask", key.micro, key.replica)
+        )
+
+    def _corrupt(self, x0, t, gen) -> DiffusionBatch:
+        alpha = self.schedule.alpha(t)[:, None]  # [b, 1]
+        x_t, masked = mask_tokens(x0, alpha, self.mask_id, gen)
+        weight = (self.z * self.schedule.weight(t))[:, None].to(x0.device)  # [b, 1]
+        loss_weights = masked.float() * weight
+        return DiffusionBatch(x_t, x0, loss_weights, masked, t.to(x0.device))
+
+    def loss(self, ce: torch.Tensor, batch: DiffusionBatch) -> tuple[torch.Tensor, dict]:
+        """ce [b, s] fp32 -> (scalar loss, detached metrics).
+
+        Visible positions have weight 0, and CE there is replaced by 0 before weighting so that a
+        non-finite CE at a visible position can never leak into the loss.
+        """
+        weighted = torch.where(batch.masked, ce * batch.loss_weights, 0.0).sum()
+        loss = self._normalize(weighted, batch)
+        n_masked = batch.masked.sum()
+        metrics = {
+            self.metric_name: loss.detach(),
+            "nelbo_per_token_slot": (weighted / batch.targets.numel()).detach(),
+            "ce_masked": (
+                torch.where(batch.masked, ce, 0.0).sum() / n_masked.clamp(min=1)
+            ).detach(),
+            "masked_fraction": (n_masked / batch.masked.numel()).detach(),
+        }
+        return loss, metrics
+
+
+OBJECTIVES = {"masked": MaskedDiffusion}
+
+
+def build_objective(cfg: DiffusionConfig, *, mask_id: int) -> MaskedDiffusion:
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(
+            f"diffusion.objective: unknown objective '{cfg.objective}' "
+            f"(expected one of: {', '.join(OBJECTIVES)})"
+        )
+    return OBJECTIVES[cfg.objective](
+        build_schedule(cfg.schedule),
+        mask_id=mask_id,
+        eps=cfg.eps,
+        antithetic=cfg.antithetic,
+        normalization=cfg.loss_normalization,
+    )

@@ -1,0 +1,1 @@
+"""Model code, written for one device: the transformer, its attention backends and layers."""

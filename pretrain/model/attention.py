@@ -1,0 +1,172 @@
+"""Core attention: the kernel registry and the module Megatron-core's `SelfAttention` calls.
+
+Megatron-core's own `DotProductAttention` allocates CUDA buffers and only knows causal/padding
+masks; diffusion LMs attend bidirectionally and later objectives (block diffusion, AR->DLM
+annealing) need arbitrary boolean masks. So the `core_attention` slot of the layer spec is ours.
+
+Mask convention (ours, the opposite of Megatron's): `mask` is None for full bidirectional attention,
+or a bool tensor broadcastable to [batch, heads, s_q, s_k] where True means "may attend".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+from pretrain.errors import ConfigError
+
+# q: [b, hq, s, d]; k, v: [b, hkv, s, d] with hq a multiple of hkv (GQA) -> [b, hq, s, d]
+AttentionFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    fn: AttentionFn
+    supports_mask: bool
+    available: Callable[[], str | None]
+    """Returns None when usable here, else the reason it is not."""
+
+
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {}
+
+
+def register_attention(name: str, *, supports_mask: bool, available=lambda: None):
+    def wrap(fn: AttentionFn) -> AttentionFn:
+        ATTENTION_BACKENDS[name] = AttentionBackend(name, fn, supports_mask, available)
+        return fn
+
+    return wrap
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(
+            f"model.attention_backend: unknown backend '{name}' "
+            f"(expected one of: {', '.join(ATTENTION_BACKENDS)})"
+        )
+    backend = ATTENTION_BACKENDS[name]
+    reason = backend.available()
+    if reason is not None:
+        raise ConfigError(f"model.attention_backend: '{name}' is not usable here: {reason}")
+    return backend
+
+
+@register_attention("sdpa", supports_mask=True)
+def sdpa_attention(q, k, v, *, mask=None, scale=None, dropout_p=0.0):
+    """PyTorch fused SDPA: picks flash/cuDNN/memory-efficient kernels on GPU (mask -> efficient)."""
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+@register_attention("masked", supports_mask=True)
+def masked_attention(q, k, v, *, mask=None, scale=None, dropout_p=0.0):
+    """Explicit softmax(QK^T * scale, masked) V in fp32: the reference for any mask."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [b, h, s_q, s_k]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def _flash_available() -> str | None:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "flash-attn is not installed (pip install 'dlm-pretrain[flash]')"
+    if not torch.cuda.is_available():
+        return "flash-attn needs a CUDA device"
+    return None
+
+
+@register_attention("flash", supports_mask=False, available=_flash_available)
+def flash_attention(q, k, v, *, mask=None, scale=None, dropout_p=0.0):
+    """flash-attn 2/3 varlen-free kernel; bidirectional only (no mask), fp16/bf16 on CUDA."""
+    from flash_attn import flash_attn_func
+
+    # flash-attn wants [b, s, h, d]
+    out = flash_attn_func(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        dropout_p=dropout_p,
+        softmax_scale=scale,
+        causal=False,
+    )
+    return out.transpose(1, 2)
+
+
+class CoreAttention(MegatronModule):
+    """The `core_attention` submodule of Megatron-core's `SelfAttention`, backed by the registry.
+
+    Megatron passes q/k/v as [s, b, heads, head_dim] (heads already split across TP ranks) and
+    expects [s, b, heads * head_dim] back.
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        *,
+        backend: str = "sdpa",
+    ):
+        super().__init__(config=config)
+        self.backend = get_attention_backend(backend)
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
+        self.softmax_scale = softmax_scale
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("packed sequences / attention bias are not supported")
+        if attention_mask is not None and not self.backend.supports_mask:
+            raise ConfigError(
+                f"model.attention_backend '{self.backend.name}' cannot take an attention mask; "
+                "use 'sdpa' or 'masked' for objectives that need one"
+            )
+        s, b, h, d = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        out = self.backend.fn(
+            q,
+            k,
+            v,
+            mask=attention_mask,
+            scale=self.softmax_scale,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

@@ -1,0 +1,97 @@
+"""Building blocks around Megatron-core's `TransformerLayer`: the layer spec, RMSNorm and RoPE.
+
+The spec is written out explicitly instead of taken from `get_gpt_layer_local_spec` because
+(a) attention must be bidirectional and use our `CoreAttention`, (b) Megatron's local norm wrapper
+refuses sequence parallelism, and (c) its `RotaryEmbedding` moves buffers to CUDA unconditionally.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+from pretrain.model.attention import CoreAttention
+
+
+class RMSNorm(torch.nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g, normalised in fp32 (bf16 sums of squares drift).
+
+    Takes Megatron's norm constructor arguments so it can sit in a layer spec. The weight is
+    replicated across tensor-parallel ranks; under sequence parallelism its gradient is a partial
+    sum that must be all-reduced, which the `sequence_parallel` attribute marks (Megatron's
+    convention).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """RoPE angles in Megatron's layout: [s, 1, 1, head_dim], angle_{p,j} = p * base^(-2j/d).
+
+    The two halves repeat the same frequencies (non-interleaved, "rotate_half" convention, as in
+    Llama), which is what `apply_rotary_pos_emb` in Megatron's attention expects.
+    """
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self._cache: tuple[int, torch.device, torch.Tensor] | None = None
+
+    def forward(self, seq_len: int) -> torch.Tensor:
+        device = self.inv_freq.device
+        if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
+            positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+            freqs = torch.outer(positions, self.inv_freq)  # [s, d/2]
+            emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [s, 1, 1, d]
+            self._cache = (seq_len, device, emb)
+        return self._cache[2]
+
+
+def transformer_layer_spec(attention_backend: str) -> ModuleSpec:
+    """Pre-norm layer: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)), all projections bias-free."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                # no_mask: attention is bidirectional unless an objective passes a boolean mask.
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=ModuleSpec(
+                        module=CoreAttention, params={"backend": attention_backend}
+                    ),
+                    linear_proj=RowParallelLinear,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )

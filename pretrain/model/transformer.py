@@ -1,0 +1,212 @@
+"""The diffusion LM: a bidirectional Llama-style transformer assembled from Megatron-core layers.
+
+    tokens [b, s] -> TokenEmbedding -> hidden [s, b, h] -> N x TransformerLayer -> OutputHead
+                  -> logits [s, b, V_pad / tp]   (or per-token cross-entropy [b, s])
+
+Written for one device: tensor parallelism lives inside the Megatron-core layers (column/row-
+parallel linears, vocab-parallel embedding and cross-entropy) and is switched on by the process
+groups, not by this code. The model is three kinds of stage (embedding, layers, head) so that a
+pipeline engine can cut it into a layer list without another implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import build_module
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.config import ModelConfig
+from pretrain.model.layers import RMSNorm, RotaryEmbedding, transformer_layer_spec
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Round up to `multiple`; independent of TP size so every layout has identical weights."""
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def megatron_config(
+    model: ModelConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+) -> TransformerConfig:
+    """Our ModelConfig -> Megatron-core TransformerConfig (RMSNorm, SwiGLU, no bias, no dropout).
+
+    `use_cpu_initialization` makes Megatron build each full weight from the global torch RNG and
+    then slice it, so a given seed gives the same model under every TP layout.
+    """
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        use_cpu_initialization=True,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype if pipeline_parallel_size > 1 else None,
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        sequence_parallel=sequence_parallel,
+        # The fusions need apex/TE kernels; the plain paths run everywhere.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+class TokenEmbedding(torch.nn.Module):
+    """Vocab-parallel embedding: tokens [b, s] -> hidden [s, b, h] (Megatron's sequence-first)."""
+
+    def __init__(self, config: TransformerConfig, padded_vocab: int):
+        super().__init__()
+        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+            padded_vocab, config.hidden_size, init_method=config.init_method, config=config
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(tokens).transpose(0, 1).contiguous()
+
+
+class OutputHead(torch.nn.Module):
+    """Final RMSNorm + vocab-parallel output projection.
+
+    Tokens that may never be predicted (the mask token, vocab padding) get logit -inf, so the
+    model's distribution is over the real vocabulary minus the mask: a uniform predictor has
+    cross-entropy log(vocab_size - 1) exactly.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        vocab_size: int,
+        padded_vocab: int,
+        excluded_token_ids: tuple[int, ...],
+    ):
+        super().__init__()
+        self.final_norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size,
+            padded_vocab,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,
+        )
+        # This rank's slice of the vocab: [start, start + padded_vocab / tp)
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        start = parallel_state.get_tensor_model_parallel_rank() * (padded_vocab // tp_size)
+        ids = torch.arange(start, start + padded_vocab // tp_size)
+        excluded = ids >= vocab_size
+        for token in excluded_token_ids:
+            excluded |= ids == token
+        self.register_buffer("excluded", excluded, persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [s, b, h] -> logits [s, b, V_pad / tp] with excluded ids at -inf."""
+        logits, _ = self.output_layer(self.final_norm(hidden))
+        return logits.masked_fill(self.excluded, float("-inf"))
+
+    @staticmethod
+    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """logits [s, b, V/tp], targets [b, s] -> per-token -log p(target) [b, s] in fp32."""
+        ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets.t().contiguous())
+        return ce.t()
+
+
+class DLMTransformer(torch.nn.Module):
+    """Bidirectional transformer for masked/hybrid diffusion LMs (LLaDA-style architecture)."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        config: TransformerConfig,
+        *,
+        vocab_size: int,
+        excluded_token_ids: tuple[int, ...],
+    ):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.padded_vocab = padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by)
+        self.activation_checkpointing = model.activation_checkpointing
+        self.config = config
+        self.embedding = TokenEmbedding(config, self.padded_vocab)
+        self.rotary = RotaryEmbedding(config.kv_channels, model.rope_base)
+        spec = transformer_layer_spec(model.attention_backend)
+        self.layers = torch.nn.ModuleList(
+            build_module(spec, config=config, layer_number=i + 1) for i in range(config.num_layers)
+        )
+        self.head = OutputHead(config, vocab_size, self.padded_vocab, excluded_token_ids)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens [b, s] -> per-token CE [b, s] if `targets` is given, else logits [b, s, V/tp].
+
+        `attention_mask`: None (bidirectional) or bool, broadcastable to [b, heads, s, s], True
+        where attention is allowed.
+        """
+        hidden = self.embedding(tokens)  # [s, b, h]
+        rope = self.rotary(tokens.shape[1])
+        for layer in self.layers:
+            hidden = self._run_layer(layer, hidden, attention_mask, rope)
+        logits = self.head(hidden)  # [s, b, V/tp]
+        if targets is not None:
+            return OutputHead.cross_entropy(logits, targets)
+        return logits.transpose(0, 1)
+
+    def _run_layer(self, layer, hidden, attention_mask, rope):
+        if self.activation_checkpointing and self.training:
+            return checkpoint(
+                lambda h: layer(h, attention_mask=attention_mask, rotary_pos_emb=rope)[0],
+                hidden,
+                use_reentrant=False,
+            )
+        return layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rope)[0]
+
+
+def build_model(
+    model: ModelConfig,
+    *,
+    vocab_size: int,
+    mask_token_id: int,
+    params_dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> DLMTransformer:
+    """Build the model for the current process groups, initialised from `seed`."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    config = megatron_config(
+        model, params_dtype=params_dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp
+    )
+    # The same global seed on every rank: CPU initialisation then slices identical full weights.
+    torch.manual_seed(seed)
+    return DLMTransformer(model, config, vocab_size=vocab_size, excluded_token_ids=(mask_token_id,))
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

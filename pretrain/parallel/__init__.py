@@ -1,0 +1,1 @@
+"""Parallel runtime: process groups, device/precision and the DeepSpeed engine."""

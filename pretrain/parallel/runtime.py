@@ -1,0 +1,114 @@
+"""Process-level setup: torch.distributed, Megatron-core process groups, device and precision.
+
+One process per device. Under torchrun/slurm the usual RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT variables are read; a plain `dlm train` is a world of one on a free port.
+Megatron-core owns the process groups (it orders tensor-parallel ranks fastest, then data, then
+pipeline); DeepSpeed is handed the same groups, so one topology drives both.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import Config
+from pretrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    dtype: torch.dtype
+    tp: int
+    pp: int
+    dp: int
+    dp_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def init_runtime(cfg: Config) -> Runtime:
+    """Initialise torch.distributed (if needed) and Megatron-core's parallel state."""
+    import deepspeed
+    from megatron.core import parallel_state
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    device = resolve_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    world = dist.get_world_size()
+    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+    if world % (tp * pp):
+        raise ConfigError(
+            f"world size {world} is not divisible by parallel.tensor_parallel ({tp}) x "
+            f"parallel.pipeline_parallel ({pp})"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    elif (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    ) != (tp, pp):
+        # DeepSpeed caches process groups per process, so a layout cannot change in-process.
+        raise RuntimeError("this process already runs another parallel layout; start a new one")
+    return Runtime(
+        rank=dist.get_rank(),
+        world_size=world,
+        local_rank=int(os.environ["LOCAL_RANK"]),
+        device=device,
+        dtype=resolve_dtype(cfg, device),
+        tp=tp,
+        pp=pp,
+        dp=parallel_state.get_data_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def shutdown_runtime() -> None:
+    """Tear down the groups so that a later run in the same process (tests) starts clean."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

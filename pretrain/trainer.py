@@ -1,0 +1,240 @@
+"""The training loop: data -> corruption -> model -> objective -> engine step -> metrics ->
+eval -> checkpoint. `train()` reads top to bottom; everything it calls lives in its own package.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpoint.manager import CheckpointManager
+from pretrain.config import Config, flatten, to_yaml
+from pretrain.diffusion.corruption import CorruptionKey
+from pretrain.diffusion.objective import build_objective
+from pretrain.errors import DataError
+from pretrain.model.transformer import build_model, count_parameters
+from pretrain.parallel.engine import build_engine, global_grad_norm
+from pretrain.parallel.runtime import Runtime, init_runtime
+from pretrain.tracking.mlflow_tracker import create_tracker
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    losses: dict[int, float] = field(default_factory=dict)
+    """Training loss of each optimizer step run in this call, keyed by global step (1-based)."""
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    tracking_uri: str | None = None
+    run_id: str | None = None
+
+
+def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
+    """Train `cfg` to `train.steps` (or checkpoint and stop after global step `stop_at`)."""
+    rt = init_runtime(cfg)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    data = TrainData(cfg, rt)
+    model = build_model(
+        cfg.model,
+        vocab_size=data.vocab_size,
+        mask_token_id=data.manifest.tokenizer.mask_id,
+        params_dtype=rt.dtype,
+        seed=cfg.train.seed,
+    )
+    objective = build_objective(cfg.diffusion, mask_id=data.manifest.tokenizer.mask_id)
+    engine = build_engine(model, cfg, rt)
+    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_last, rank=rt.rank)
+    restored = ckpts.load(engine) if cfg.train.resume == "auto" else None
+    start = restored.step if restored else 0
+    state = restored.trainer_state if restored else {}
+    if restored:
+        data.stream.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng_cpu"])
+    tracker = create_tracker(
+        enabled=cfg.tracking.enabled,
+        is_main=rt.is_main,
+        uri=cfg.tracking.uri,
+        experiment=cfg.tracking.experiment,
+        run_name=cfg.run.name,
+        output_dir=cfg.run.output_dir,
+        run_id=state.get("tracking_run_id"),
+    )
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if not restored:
+            tracker.log_params(flatten(cfg))
+            tracker.log_artifact(run_dir / "config.yaml")
+    say = print if rt.is_main else (lambda *a, **k: None)
+    say(
+        f"[dlm] {cfg.run.name}: {count_parameters(model) / 1e6:.2f}M params, "
+        f"{rt.world_size} process(es) (tp={rt.tp} pp={rt.pp} dp={rt.dp}), {rt.device}, "
+        f"{str(rt.dtype).removeprefix('torch.')}, "
+        + (f"resumed at step {start} from {restored.path}" if restored else "fresh start")
+    )
+
+    result = TrainResult(run_dir=run_dir, tracking_uri=tracker.uri, run_id=tracker.run_id)
+    end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
+    accum = cfg.train.grad_accum_steps
+    window: dict[str, float] = defaultdict(float)  # metric sums since the last log line
+    status = "FAILED"
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            engine.train()
+            step_metrics: dict[str, float] = defaultdict(float)
+            for micro in range(accum):
+                x0 = next(data.stream).to(rt.device)
+                key = CorruptionKey(cfg.train.seed, step, micro, rt.dp_rank, accum, rt.dp)
+                batch = objective.prepare(x0, key)
+                ce = engine(
+                    batch.inputs, targets=batch.targets, attention_mask=batch.attention_mask
+                )
+                loss, metrics = objective.loss(ce, batch)
+                engine.backward(loss)
+                engine.step()  # applies the update on the last micro-batch only
+                for name, value in {"loss": loss, **metrics}.items():
+                    step_metrics[name] += value.item() / accum
+            done = step + 1
+            result.losses[done] = step_metrics["loss"]
+            step_metrics["step_time_s"] = time.perf_counter() - t0
+            step_metrics["steps"] = 1
+            for name, value in step_metrics.items():
+                window[name] += value
+            if done % cfg.train.log_interval == 0 or done == end:
+                logged = _window_means(window, rt)
+                logged["tokens_per_s"] = data.global_tokens_per_step / logged["step_time_s"]
+                logged["lr"] = engine.get_lr()[0]
+                if (grad_norm := global_grad_norm(engine)) is not None:
+                    logged["grad_norm"] = grad_norm
+                tracker.log_metrics(logged, step=done)
+                say(f"[dlm] step {done}/{cfg.train.steps} " + _kv(logged))
+                window = defaultdict(float)
+            if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) or done == end:
+                result.evals[done] = evaluate(engine, objective, data, cfg, rt)
+                tracker.log_metrics(result.evals[done], step=done)
+                say(f"[dlm] step {done} eval " + _kv(result.evals[done]))
+            if (cfg.train.checkpoint_interval and done % cfg.train.checkpoint_interval == 0) or (
+                done == end
+            ):
+                trainer_state = {
+                    "data": data.stream.state_dict(),
+                    "rng_cpu": torch.get_rng_state(),
+                    "tracking_run_id": tracker.run_id,
+                }
+                result.checkpoint = ckpts.save(
+                    engine, done, trainer_state=trainer_state, config_yaml=to_yaml(cfg)
+                )
+                say(f"[dlm] step {done} checkpoint {result.checkpoint}")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+    say(f"[dlm] done: run dir {run_dir} | MLflow {tracker.uri} run {tracker.run_id}")
+    return result
+
+
+class TrainData:
+    """The training stream and the fixed validation batches of this data-parallel rank.
+
+    Checks the shards' manifest against the config before anything is built, so a mismatch is a
+    one-line error naming both sides rather than a shape error deep in the model.
+    """
+
+    def __init__(self, cfg: Config, rt: Runtime):
+        from data_pipeline.manifest import check_compatible
+        from data_pipeline.reader import TokenBlockStream, eval_batches
+        from data_pipeline.tokenizer import load_tokenizer, tokenizer_sha256
+
+        self.stream = TokenBlockStream(
+            cfg.data.path,
+            "train",
+            batch_size=cfg.train.micro_batch_size,
+            dp_rank=rt.dp_rank,
+            dp_size=rt.dp,
+            seed=cfg.train.seed,
+            verify_checksums=cfg.data.verify_checksums,
+        )
+        self.manifest = self.stream.manifest
+        expected_sha = None
+        if cfg.data.tokenizer:
+            expected_sha = tokenizer_sha256(load_tokenizer(cfg.data.tokenizer))
+        check_compatible(
+            self.manifest,
+            where=str(Path(cfg.data.path) / "manifest.json"),
+            seq_len=cfg.data.seq_len,
+            vocab_size=cfg.model.vocab_size,
+            tokenizer_sha256=expected_sha,
+        )
+        self.vocab_size = self.manifest.tokenizer.vocab_size
+        self.global_tokens_per_step = (
+            cfg.train.micro_batch_size * cfg.train.grad_accum_steps * rt.dp * cfg.data.seq_len
+        )
+        self.val: list[torch.Tensor] = []
+        if cfg.train.eval_batches and self.manifest.splits.get("val"):
+            self.val = list(
+                eval_batches(
+                    cfg.data.path,
+                    "val",
+                    batch_size=cfg.train.micro_batch_size,
+                    num_batches=cfg.train.eval_batches,
+                    dp_rank=rt.dp_rank,
+                    dp_size=rt.dp,
+                    verify_checksums=cfg.data.verify_checksums,
+                )
+            )
+        elif cfg.train.eval_batches:
+            raise DataError(f"{cfg.data.path}/manifest.json: no 'val' split to evaluate on")
+
+
+@torch.no_grad()
+def evaluate(engine, objective, data: TrainData, cfg: Config, rt: Runtime) -> dict[str, float]:
+    """Validation NELBO on fixed sequences, t-grid and masks, so evaluations are comparable."""
+    engine.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # weighted CE, slots, masked CE, masked count
+    for i, x0 in enumerate(data.val):
+        key = CorruptionKey(cfg.train.seed, 0, i, rt.dp_rank, len(data.val), rt.dp)
+        batch = objective.prepare_eval(x0.to(rt.device), key)
+        ce = engine(batch.inputs, targets=batch.targets, attention_mask=batch.attention_mask)
+        masked = batch.masked
+        sums += torch.stack(
+            [
+                torch.where(masked, ce * batch.loss_weights, 0.0).sum().double().cpu(),
+                torch.tensor(float(masked.numel()), dtype=torch.float64),
+                torch.where(masked, ce, 0.0).sum().double().cpu(),
+                masked.sum().double().cpu(),
+            ]
+        )
+    if dist.is_initialized() and rt.dp > 1:
+        from megatron.core import parallel_state
+
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    engine.train()
+    return {
+        "val/nelbo_per_token_slot": float(sums[0] / sums[1]),
+        "val/ce_masked": float(sums[2] / sums[3].clamp(min=1)),
+    }
+
+
+def _window_means(window: dict[str, float], rt: Runtime) -> dict[str, float]:
+    """Per-step means over the logging window, averaged over data-parallel replicas."""
+    steps = window.pop("steps")
+    names = sorted(window)
+    values = torch.tensor([window[n] / steps for n in names], dtype=torch.float64)
+    if dist.is_initialized() and rt.dp > 1:
+        from megatron.core import parallel_state
+
+        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        values /= rt.dp
+    return dict(zip(names, values.tolist(), strict=True))
+
+
+def _kv(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
