@@ -173,7 +173,8 @@ class TrainData:
             vocab_size=cfg.model.vocab_size,
             tokenizer_sha256=expected_sha,
         )
-        self.vocab_size = self.manifest.tokenizer.vocab_size
+        # The model may have more embeddings than the tokenizer has ids (never fewer: checked).
+        self.vocab_size = cfg.model.vocab_size or self.manifest.tokenizer.vocab_size
         self.global_tokens_per_step = (
             cfg.train.micro_batch_size * cfg.train.grad_accum_steps * rt.dp * cfg.data.seq_len
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -23,6 +24,8 @@ import yaml
 
 from pretrain.config.schema import Config
 from pretrain.errors import ConfigError
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -176,6 +179,9 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: {key}: expected an integer, got {_describe(value)}")
         return value
     if tp is float:
+        # PyYAML (YAML 1.1) reads `3e-4` as a string; a plain number written so is still a number.
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key}: expected a number, got {_describe(value)}")
         return float(value)

@@ -1,0 +1,153 @@
+"""Tokenizer helpers built on Hugging Face ``tokenizers`` only (no ``transformers`` dependency).
+
+A diffusion LM needs two reserved ids besides the vocabulary: an end-of-sequence token that
+separates packed documents, and a mask token that the forward process substitutes for clean tokens.
+The mask token must never occur in data, so it is registered as a *special* added token and the
+build encodes text with ``encode_special_tokens=True`` (a literal ``"<mask>"`` in the text is then
+ordinary text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from pretrain.errors import ConfigError, DataError
+
+TOKENIZER_FILE = "tokenizer.json"
+DEFAULT_MASK_TOKEN = "<mask>"
+DEFAULT_EOS_TOKEN = "<eos>"
+# Names used for end-of-sequence by common tokenizer families, in the order we try them.
+EOS_CANDIDATES: tuple[str, ...] = ("<eos>", "</s>", "<|endoftext|>", "<|eos|>", "<|end_of_text|>")
+# The byte-level alphabet (256 symbols) plus our two special tokens is the smallest useful vocab.
+MIN_BPE_VOCAB = 256 + 2
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The reserved tokens of a tokenizer, as the data pipeline and the model see them."""
+
+    mask_token: str
+    mask_id: int
+    eos_token: str
+    eos_id: int
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer from a ``tokenizer.json`` file or a directory that contains one.
+
+    Raises:
+        DataError: the path does not exist, the directory has no ``tokenizer.json``, or the file
+            is not a valid serialized tokenizer.
+    """
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not path.exists():
+        raise DataError(
+            f"{path}: tokenizer not found; expected a {TOKENIZER_FILE} file or a "
+            f"directory containing one"
+        )
+    if not file.is_file():
+        raise DataError(
+            f"{path}: directory has no {TOKENIZER_FILE}; expected a Hugging Face tokenizers file"
+        )
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON or schema
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{file}: not a valid Hugging Face tokenizer file ({detail})") from exc
+
+
+def train_bpe(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on ``texts`` with special tokens ``<eos>`` and ``<mask>``.
+
+    Byte-level means every UTF-8 string is encodable (no unknown token). The result is
+    deterministic for the same input (the trainer breaks ties between equally frequent pairs by
+    the pair itself). ``<eos>`` gets id 0 and ``<mask>`` id 1. The vocabulary may come out smaller
+    than ``vocab_size`` when the input has fewer distinct merges than requested.
+
+    Raises:
+        ConfigError: ``vocab_size`` is too small to hold the byte alphabet and special tokens.
+    """
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ConfigError(
+            f"vocab_size is {vocab_size}; a byte-level BPE needs at least {MIN_BPE_VOCAB} "
+            f"(256 bytes + <eos> + <mask>)"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[DEFAULT_EOS_TOKEN, DEFAULT_MASK_TOKEN],
+        # Seed the full byte alphabet so that text unseen in training still encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _special_added_tokens(tok: Tokenizer) -> dict[str, int]:
+    """Map content -> id for the tokenizer's added tokens that are flagged special."""
+    return {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+
+
+def prepare_special_tokens(
+    tok: Tokenizer, *, mask_token: str = DEFAULT_MASK_TOKEN, eos_token: str | None = None
+) -> SpecialTokens:
+    """Find the EOS token and reserve the mask token, adding it to ``tok`` (in place) if absent.
+
+    EOS is ``eos_token`` if given (it must exist), otherwise the first of :data:`EOS_CANDIDATES`
+    that the tokenizer knows. The mask token is added as a special token when missing; if it is
+    present it must already be a *special* added token, because an ordinary vocabulary token could
+    be produced by encoding text and would then leak into the data.
+
+    Raises:
+        DataError: no EOS token can be found, the mask token is an ordinary token, or the mask
+            and EOS tokens coincide.
+    """
+    if eos_token is not None:
+        eos_id = tok.token_to_id(eos_token)
+        if eos_id is None:
+            raise DataError(f"tokenizer: eos token {eos_token!r} is not in the vocabulary")
+    else:
+        found = [(name, tok.token_to_id(name)) for name in EOS_CANDIDATES]
+        found = [(name, i) for name, i in found if i is not None]
+        if not found:
+            raise DataError(
+                "tokenizer: no end-of-sequence token found; expected one of "
+                + ", ".join(EOS_CANDIDATES)
+            )
+        eos_token, eos_id = found[0]
+    if mask_token == eos_token:
+        raise DataError(f"tokenizer: mask token {mask_token!r} is also the eos token")
+
+    mask_id = tok.token_to_id(mask_token)
+    if mask_id is None:
+        tok.add_special_tokens([AddedToken(mask_token, special=True, normalized=False)])
+        mask_id = tok.token_to_id(mask_token)
+        assert mask_id is not None, "tokenizers failed to add the mask token"
+    elif _special_added_tokens(tok).get(mask_token) != mask_id:
+        raise DataError(
+            f"tokenizer: mask token {mask_token!r} (id {mask_id}) is an ordinary vocabulary token; "
+            f"choose a token that is absent or registered as a special token"
+        )
+    return SpecialTokens(mask_token=mask_token, mask_id=mask_id, eos_token=eos_token, eos_id=eos_id)
+
+
+def tokenizer_sha256(tok: Tokenizer) -> str:
+    """SHA-256 hex digest of the tokenizer's canonical JSON (sorted keys, compact separators).
+
+    Canonicalising makes the digest independent of pretty-printing and key order, so the digest of
+    a tokenizer equals that of the same tokenizer saved to and reloaded from ``tokenizer.json``.
+    """
+    canonical = json.dumps(
+        json.loads(tok.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

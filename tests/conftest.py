@@ -1,0 +1,75 @@
+"""Shared fixtures: a small demo dataset built once per session and fast training configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep the 2-core CI machine from oversubscribing, and the test output free of MLflow noise.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+TINY_SEQ_LEN = 32
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The built-in grammar corpus as shards: seq_len 32, a small BPE, several train shards."""
+    from data_pipeline.build import build_dataset
+    from data_pipeline.grammar import generate_documents
+
+    out = tmp_path_factory.mktemp("demo") / "data"
+    build_dataset(
+        [],
+        out,
+        seq_len=TINY_SEQ_LEN,
+        vocab_size=512,
+        samples_per_shard=256,
+        val_fraction=0.05,
+        seed=0,
+        documents=generate_documents(1500, seed=0),
+        log=lambda *a: None,
+    )
+    return out
+
+
+def tiny_overrides(data: Path, out: Path, name: str = "t", **extra) -> list[str]:
+    """Overrides that make configs/tiny.yaml a seconds-long run on `data`."""
+    values = {
+        "run.name": name,
+        "run.output_dir": str(out),
+        "data.path": str(data),
+        "data.seq_len": TINY_SEQ_LEN,
+        "model.hidden_size": 64,
+        "model.num_layers": 2,
+        "model.num_attention_heads": 4,
+        "model.ffn_hidden_size": 128,
+        "train.steps": 8,
+        "train.micro_batch_size": 8,
+        "train.log_interval": 2,
+        "train.eval_interval": 0,
+        "train.eval_batches": 2,
+        "train.checkpoint_interval": 4,
+        "optim.warmup_steps": 2,
+        "tracking.enabled": False,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    """torch.distributed (gloo, world of one) + Megatron-core groups, shared by in-process tests.
+
+    DeepSpeed caches process groups per process, so the runtime is created once and reused by
+    every in-process training run; multi-process tests spawn their own processes.
+    """
+    from pretrain.config import load_config
+    from pretrain.parallel.runtime import init_runtime
+
+    return init_runtime(load_config(None, ["train.device=cpu"]))

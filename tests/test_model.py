@@ -1,0 +1,140 @@
+"""The Megatron-core DLM: shapes, bidirectionality, attention backends, the excluded mask token."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.config import ModelConfig
+from pretrain.errors import ConfigError
+from pretrain.model.attention import CoreAttention, get_attention_backend
+from pretrain.model.transformer import OutputHead, build_model, padded_vocab_size
+
+VOCAB, MASK = 300, 299
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=96)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def model(runtime):
+    return build_model(small(), vocab_size=VOCAB, mask_token_id=MASK, seed=3)
+
+
+def test_shapes_and_padded_vocab(model):
+    tokens = torch.randint(0, VOCAB - 1, (3, 17))
+    logits = model(tokens)
+    assert logits.shape == (3, 17, padded_vocab_size(VOCAB, 128)) == (3, 17, 384)
+    ce = model(tokens, targets=tokens)
+    assert ce.shape == (3, 17) and ce.dtype == torch.float32
+
+
+def test_mask_token_and_padding_can_never_be_predicted(model):
+    logits = model(torch.randint(0, VOCAB - 1, (2, 9)))
+    assert torch.all(logits[..., MASK] == float("-inf"))
+    assert torch.all(logits[..., VOCAB:] == float("-inf"))
+    assert torch.isfinite(logits[..., :MASK]).all()
+
+
+def test_uniform_logits_give_log_of_vocab_minus_mask():
+    """With all logits equal, CE = log(V - 1): mask and padding carry no probability."""
+    excluded = torch.zeros(384, dtype=torch.bool)
+    excluded[MASK] = True
+    excluded[VOCAB:] = True
+    logits = torch.zeros(5, 2, 384).masked_fill(excluded, float("-inf"))
+    ce = OutputHead.cross_entropy(logits, torch.randint(0, MASK, (2, 5)))
+    torch.testing.assert_close(ce, torch.full((2, 5), math.log(VOCAB - 1)))
+
+
+def test_same_seed_same_weights_different_seed_different(runtime):
+    a = build_model(small(), vocab_size=VOCAB, mask_token_id=MASK, seed=1)
+    b = build_model(small(), vocab_size=VOCAB, mask_token_id=MASK, seed=1)
+    c = build_model(small(), vocab_size=VOCAB, mask_token_id=MASK, seed=2)
+    for (name, pa), pb, pc in zip(
+        a.named_parameters(), b.parameters(), c.parameters(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+        if pa.ndim == 2:
+            assert not torch.equal(pa, pc), name
+
+
+def test_attention_is_bidirectional(model):
+    """Changing the last token changes the prediction at the first position (not causal)."""
+    tokens = torch.randint(0, VOCAB - 1, (1, 12))
+    changed = tokens.clone()
+    changed[0, -1] = (tokens[0, -1] + 1) % (VOCAB - 1)
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert not torch.allclose(a[0, 0, :MASK], b[0, 0, :MASK])
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_boolean_mask_path_matches_causal_prefix_reference(runtime, layers):
+    """A causal boolean mask makes position i depend on tokens <= i only: the output at i equals
+    the causal model run on the prefix alone (with one layer: the unmasked prefix)."""
+    m = build_model(
+        small(attention_backend="masked", num_layers=layers),
+        vocab_size=VOCAB,
+        mask_token_id=MASK,
+        seed=4,
+    )
+    tokens = torch.randint(0, VOCAB - 1, (1, 10))
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    with torch.no_grad():
+        full = m(tokens, attention_mask=causal)
+        for i in (0, 4, 9):
+            prefix_mask = None if layers == 1 else causal[: i + 1, : i + 1]
+            prefix = m(tokens[:, : i + 1], attention_mask=prefix_mask)
+            torch.testing.assert_close(full[0, i, :MASK], prefix[0, i, :MASK], atol=1e-5, rtol=1e-5)
+        # and the mask matters: without it, position 0 sees the future
+        assert not torch.allclose(m(tokens)[0, 0, :MASK], full[0, 0, :MASK], atol=1e-3)
+
+
+@pytest.mark.parametrize("groups", [None, 2, 1])
+def test_sdpa_and_masked_backends_agree(runtime, groups):
+    cfg = dict(num_query_groups=groups)
+    sdpa = build_model(small(**cfg), vocab_size=VOCAB, mask_token_id=MASK, seed=5)
+    ref = build_model(
+        small(attention_backend="masked", **cfg), vocab_size=VOCAB, mask_token_id=MASK, seed=5
+    )
+    tokens = torch.randint(0, VOCAB - 1, (2, 16))
+    mask = torch.rand(2, 1, 16, 16) > 0.3
+    mask |= torch.eye(16, dtype=torch.bool)  # every query sees at least itself
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            a = sdpa(tokens, attention_mask=attention_mask)[..., :MASK]
+            b = ref(tokens, attention_mask=attention_mask)[..., :MASK]
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_activation_checkpointing_gives_identical_gradients(runtime):
+    tokens = torch.randint(0, VOCAB - 1, (2, 8))
+    grads = []
+    for ckpt in (False, True):
+        m = build_model(
+            small(activation_checkpointing=ckpt), vocab_size=VOCAB, mask_token_id=MASK, seed=6
+        )
+        m(tokens, targets=tokens).mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_attention_backend_registry_errors(runtime):
+    with pytest.raises(ConfigError, match=r"model\.attention_backend: unknown backend 'nope'"):
+        get_attention_backend("nope")
+    if get_attention_backend("sdpa") and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"'flash' is not usable here"):
+            get_attention_backend("flash")
+
+
+def test_mask_refused_by_backend_without_mask_support(runtime, model):
+    core = model.layers[0].self_attention.core_attention
+    assert isinstance(core, CoreAttention)
+    q = torch.randn(4, 1, 4, 16)
+    object.__setattr__(core, "backend", get_attention_backend("sdpa"))
+    assert core(q, q, q, None).shape == (4, 1, 64)
