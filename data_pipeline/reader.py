@@ -139,6 +139,12 @@ def _open(data_dir: str | Path, split: str) -> tuple[Path, Manifest, int]:
     n = manifest.num_samples(split)
     if n == 0:
         raise DataError(f"{data_dir / MANIFEST_FILE}: split '{split}' has no samples")
+    # Fail at start rather than hours in, when the stream first reaches a missing shard.
+    for info in manifest.splits[split]:
+        if not (data_dir / info.name).is_file():
+            raise DataError(
+                f"{data_dir / info.name}: shard is missing; listed in {data_dir / MANIFEST_FILE}"
+            )
     return data_dir, manifest, n
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 
 from pretrain.errors import DLMError
@@ -33,9 +34,10 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors before the heavy imports
     from pretrain.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
     train(cfg)
     return 0
 
@@ -111,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Megatron-core warns at import that optional fused kernels (Apex, Transformer Engine) are
+    # absent; we never use them, so the warning is noise on every command.
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -1,0 +1,73 @@
+"""The `dlm` entry point: every subcommand has --help; user errors are one line and exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+
+from launcher.cli import COMMANDS, main
+
+
+def dlm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("path", [(), *COMMANDS], ids=lambda p: " ".join(p) or "dlm")
+def test_every_subcommand_has_help(path):
+    proc = dlm(*path, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: dlm" in proc.stdout
+
+
+def test_help_lists_the_main_commands():
+    out = dlm("--help").stdout
+    assert "data" in out and "train" in out and "config" in out
+    build = dlm("data", "build", "--help").stdout
+    assert "--seq-len" in build and "--demo" in build and "--tokenizer" in build
+
+
+def test_unknown_config_key_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    proc = dlm("train", str(bad))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {bad}: unknown key 'train.stepz' (valid keys: steps, micro_batch_size, "
+        "grad_accum_steps, seed, device, precision, log_interval, eval_interval, eval_batches, "
+        "checkpoint_interval, keep_last, resume)"
+    ]
+
+
+def test_missing_config_file(capsys):
+    assert main(["train", "does/not/exist.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == "error: does/not/exist.yaml: config file not found"
+
+
+def test_empty_input_file_is_one_line_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["data", "build", str(empty), "--out", str(tmp_path / "o"), "--seq-len", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(empty) in err and "empty" in err
+
+
+def test_config_show_prints_resolved_yaml(capsys):
+    assert main(["config", "show", str(REPO / "configs" / "tiny.yaml"), "train.steps=9"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["steps"] == 9 and shown["model"]["hidden_size"] == 128
+
+
+def test_config_docs_lists_every_key(capsys):
+    assert main(["config", "docs"]) == 0
+    out = capsys.readouterr().out
+    assert "train.steps = 600" in out and "diffusion.schedule = linear" in out
