@@ -11,7 +11,7 @@ import argparse
 from data_pipeline.build import build_dataset
 from pretrain.errors import ConfigError
 
-DEFAULT_DEMO_DOCUMENTS = 20000
+DEFAULT_DEMO_DOCUMENTS = 50000
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:

@@ -70,4 +70,4 @@ def test_config_show_prints_resolved_yaml(capsys):
 def test_config_docs_lists_every_key(capsys):
     assert main(["config", "docs"]) == 0
     out = capsys.readouterr().out
-    assert "train.steps = 600" in out and "diffusion.schedule = linear" in out
+    assert "train.steps = 1000" in out and "diffusion.schedule = linear" in out

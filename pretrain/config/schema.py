@@ -100,7 +100,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    steps: int = 600
+    steps: int = 1000
     """Optimizer steps to train for (the run stops at this global step)."""
     micro_batch_size: int = 16
     """Sequences per forward/backward on each data-parallel rank."""
