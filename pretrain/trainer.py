@@ -137,7 +137,10 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
         raise
     finally:
         tracker.finish(status)
-    say(f"[dlm] done: run dir {run_dir} | MLflow {tracker.uri} run {tracker.run_id}")
+    say(f"[dlm] done at step {end}: run dir {run_dir} (config.yaml, checkpoints/)")
+    if tracker.run_id:
+        say(f"[dlm] MLflow run {tracker.run_id} in {tracker.uri}")
+        say(f"[dlm] browse it with: mlflow ui --backend-store-uri {tracker.uri}")
     return result
 
 
@@ -238,4 +241,5 @@ def _window_means(window: dict[str, float], rt: Runtime) -> dict[str, float]:
 
 
 def _kv(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    ordered = sorted(metrics, key=lambda k: (k != "loss", k))
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in ordered)
