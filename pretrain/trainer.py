@@ -10,15 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from pretrain.checkpoint.manager import CheckpointManager
+from pretrain.checkpoint.manager import (
+    CheckpointManager,
+    load_trainer_state,
+    open_checkpoint,
+    restore_optimizer,
+    weight_loader,
+)
 from pretrain.config import Config, flatten, to_yaml
 from pretrain.diffusion.corruption import CorruptionKey
 from pretrain.diffusion.objective import build_objective
 from pretrain.errors import DataError
-from pretrain.model.transformer import build_model, count_parameters
-from pretrain.parallel.engine import build_engine, global_grad_norm
+from pretrain.parallel.engine import build_engine
 from pretrain.parallel.runtime import Runtime, init_runtime
 from pretrain.tracking.mlflow_tracker import create_tracker
 
@@ -39,20 +43,23 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     rt = init_runtime(cfg)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     data = TrainData(cfg, rt)
-    model = build_model(
-        cfg.model,
-        vocab_size=data.vocab_size,
-        mask_token_id=data.manifest.tokenizer.mask_id,
-        params_dtype=rt.dtype,
-        seed=cfg.train.seed,
-    )
-    objective = build_objective(cfg.diffusion, mask_id=data.manifest.tokenizer.mask_id)
-    engine = build_engine(model, cfg, rt)
+    mask_id = data.manifest.tokenizer.mask_id
+    objective = build_objective(cfg.diffusion, mask_id=mask_id)
     ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_last, rank=rt.rank)
-    restored = ckpts.load(engine) if cfg.train.resume == "auto" else None
-    start = restored.step if restored else 0
-    state = restored.trainer_state if restored else {}
-    if restored:
+    resume_from = ckpts.latest() if cfg.train.resume == "auto" else None
+    reader = open_checkpoint(resume_from, num_layers=cfg.model.num_layers) if resume_from else None
+    engine = build_engine(
+        cfg,
+        rt,
+        vocab_size=data.vocab_size,
+        mask_token_id=mask_id,
+        objective=objective,
+        load_weights=weight_loader(reader, tp_rank=rt.tp_rank, tp_size=rt.tp) if reader else None,
+    )
+    start, state = 0, {}
+    if reader:  # any layout can resume any checkpoint: tensors are re-sliced as needed
+        restore_optimizer(engine, reader, tp_rank=rt.tp_rank, tp_size=rt.tp)
+        start, state = reader.common["step"], load_trainer_state(resume_from, rt.rank)
         data.stream.load_state_dict(state["data"])
         torch.set_rng_state(state["rng_cpu"])
     tracker = create_tracker(
@@ -67,15 +74,16 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        if not restored:
+        if not reader:
             tracker.log_params(flatten(cfg))
             tracker.log_artifact(run_dir / "config.yaml")
     say = print if rt.is_main else (lambda *a, **k: None)
+    params = sum(p.numel() for _, p in engine.canonical_parameters())
     say(
-        f"[dlm] {cfg.run.name}: {count_parameters(model) / 1e6:.2f}M params, "
+        f"[dlm] {cfg.run.name}: {params / 1e6:.2f}M params on rank 0, "
         f"{rt.world_size} process(es) (tp={rt.tp} pp={rt.pp} dp={rt.dp}), {rt.device}, "
         f"{str(rt.dtype).removeprefix('torch.')}, "
-        + (f"resumed at step {start} from {restored.path}" if restored else "fresh start")
+        + (f"resumed at step {start} from {resume_from}" if reader else "fresh start")
     )
 
     result = TrainResult(run_dir=run_dir, tracking_uri=tracker.uri, run_id=tracker.run_id)
@@ -86,31 +94,26 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
-            engine.train()
-            step_metrics: dict[str, float] = defaultdict(float)
-            for micro in range(accum):
-                x0 = next(data.stream).to(rt.device)
-                key = CorruptionKey(cfg.train.seed, step, micro, rt.dp_rank, accum, rt.dp)
-                batch = objective.prepare(x0, key)
-                ce = engine(
-                    batch.inputs, targets=batch.targets, attention_mask=batch.attention_mask
+            batches = [
+                objective.prepare(
+                    next(data.stream).to(rt.device),
+                    CorruptionKey(cfg.train.seed, step, micro, rt.dp_rank, accum, rt.dp),
                 )
-                loss, metrics = objective.loss(ce, batch)
-                engine.backward(loss)
-                engine.step()  # applies the update on the last micro-batch only
-                for name, value in {"loss": loss, **metrics}.items():
-                    step_metrics[name] += value.item() / accum
+                for micro in range(accum)
+            ]
+            metrics = engine.global_metrics(engine.train_step(batches))
             done = step + 1
-            result.losses[done] = step_metrics["loss"]
-            step_metrics["step_time_s"] = time.perf_counter() - t0
-            step_metrics["steps"] = 1
-            for name, value in step_metrics.items():
+            result.losses[done] = metrics["loss"]
+            metrics["step_time_s"] = time.perf_counter() - t0
+            metrics["steps"] = 1
+            for name, value in metrics.items():
                 window[name] += value
             if done % cfg.train.log_interval == 0 or done == end:
-                logged = _window_means(window, rt)
+                steps = window.pop("steps")
+                logged = {name: value / steps for name, value in window.items()}
                 logged["tokens_per_s"] = data.global_tokens_per_step / logged["step_time_s"]
-                logged["lr"] = engine.get_lr()[0]
-                if (grad_norm := global_grad_norm(engine)) is not None:
+                logged["lr"] = engine.lr
+                if (grad_norm := engine.grad_norm) is not None:
                     logged["grad_norm"] = grad_norm
                 tracker.log_metrics(logged, step=done)
                 say(f"[dlm] step {done}/{cfg.train.steps} " + _kv(logged))
@@ -198,46 +201,25 @@ class TrainData:
             raise DataError(f"{cfg.data.path}/manifest.json: no 'val' split to evaluate on")
 
 
-@torch.no_grad()
 def evaluate(engine, objective, data: TrainData, cfg: Config, rt: Runtime) -> dict[str, float]:
-    """Validation NELBO on fixed sequences, t-grid and masks, so evaluations are comparable."""
-    engine.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # weighted CE, slots, masked CE, masked count
+    """Validation NELBO on fixed sequences, t-grid and masks, so evaluations are comparable.
+
+    All validation batches have the same size, so the NELBO per token slot is the mean over
+    batches and the masked-token CE is weighted by each batch's masked fraction.
+    """
+    nelbo, ce_weighted, masked = 0.0, 0.0, 0.0
     for i, x0 in enumerate(data.val):
         key = CorruptionKey(cfg.train.seed, 0, i, rt.dp_rank, len(data.val), rt.dp)
-        batch = objective.prepare_eval(x0.to(rt.device), key)
-        ce = engine(batch.inputs, targets=batch.targets, attention_mask=batch.attention_mask)
-        masked = batch.masked
-        sums += torch.stack(
-            [
-                torch.where(masked, ce * batch.loss_weights, 0.0).sum().double().cpu(),
-                torch.tensor(float(masked.numel()), dtype=torch.float64),
-                torch.where(masked, ce, 0.0).sum().double().cpu(),
-                masked.sum().double().cpu(),
-            ]
+        metrics = engine.global_metrics(
+            engine.eval_step(objective.prepare_eval(x0.to(rt.device), key))
         )
-    if dist.is_initialized() and rt.dp > 1:
-        from megatron.core import parallel_state
-
-        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    engine.train()
+        nelbo += metrics["nelbo_per_token_slot"]
+        ce_weighted += metrics["ce_masked"] * metrics["masked_fraction"]
+        masked += metrics["masked_fraction"]
     return {
-        "val/nelbo_per_token_slot": float(sums[0] / sums[1]),
-        "val/ce_masked": float(sums[2] / sums[3].clamp(min=1)),
+        "val/nelbo_per_token_slot": nelbo / max(1, len(data.val)),
+        "val/ce_masked": ce_weighted / max(masked, 1e-12),
     }
-
-
-def _window_means(window: dict[str, float], rt: Runtime) -> dict[str, float]:
-    """Per-step means over the logging window, averaged over data-parallel replicas."""
-    steps = window.pop("steps")
-    names = sorted(window)
-    values = torch.tensor([window[n] / steps for n in names], dtype=torch.float64)
-    if dist.is_initialized() and rt.dp > 1:
-        from megatron.core import parallel_state
-
-        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
-        values /= rt.dp
-    return dict(zip(names, values.tolist(), strict=True))
 
 
 def _kv(metrics: dict[str, float]) -> str:

@@ -109,9 +109,9 @@ def test_keep_last_prunes_old_checkpoints(runtime, demo_data, tmp_path):
 
 def test_truncated_checkpoint_file_is_refused(runtime, demo_data, tmp_path):
     result = run(demo_data, tmp_path, stop_at=4)
-    model_file = next(result.checkpoint.glob("mp_rank_*_model_states.pt"))
-    model_file.write_bytes(model_file.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt' has 100 bytes"):
+    shard_file = result.checkpoint / "shards" / "rank-00000.safetensors"
+    shard_file.write_bytes(shard_file.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"shards/rank-00000\.safetensors' has 100 bytes"):
         run(demo_data, tmp_path)
 
 

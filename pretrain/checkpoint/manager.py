@@ -1,12 +1,11 @@
-"""Crash-safe checkpoints on top of DeepSpeed's per-rank checkpoint files.
+"""Crash-safe, sharded checkpoints: every rank writes its shard, rank 0 seals the checkpoint.
 
 Layout of `<run>/checkpoints/`:
 
     step_00000200/            a complete checkpoint (never modified after it appears)
-        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's shards, one set per rank
-        trainer_rank_00000.pt                           our per-rank state (RNG, data position)
-        config.yaml                                     the resolved run config
-        COMPLETE.json                                   marker: step + every file with its size
+        shards/rank-*.safetensors, common.pt, trainer_rank_*.pt   see `format.py`
+        config.yaml                                               the resolved run config
+        COMPLETE.json                                             marker: step + every file's size
     latest                    text file naming the newest complete checkpoint
 
 A save writes everything into `step_X.partial/`, then rank 0 writes the marker, renames the
@@ -20,24 +19,32 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from pretrain.checkpoint.format import (
+    COMMON,
+    KINDS,
+    CheckpointReader,
+    canonical_names,
+    capture_rank_shard,
+    load_weights,
+    trainer_state_file,
+    write_rank_shard,
+)
+from pretrain.checkpoint.optim_state import (
+    get_step,
+    prepare_for_restore,
+    set_lr_schedule,
+    set_param_state,
+    set_step,
+)
 from pretrain.errors import CheckpointError
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
-
-
-@dataclass
-class Restored:
-    step: int
-    trainer_state: dict
-    """This rank's saved state (RNG, data position, tracking run id, ...)."""
-    path: Path
 
 
 def _barrier() -> None:
@@ -88,32 +95,35 @@ class CheckpointManager:
     # ------------------------------------------------------------------ save
     def save(self, engine, step: int, *, trainer_state: dict, config_yaml: str) -> Path:
         """Collective: every rank calls it. Returns the final checkpoint directory."""
+        rt = engine.rt
         tag = _tag(step)
         staging = self.directory / f"{tag}.partial"
         if self.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
         _barrier()
-        engine.save_checkpoint(str(self.directory), tag=staging.name, save_latest=False)
-        torch.save(trainer_state, staging / f"trainer_rank_{self.rank:05d}.pt")
+        tensors, meta = capture_rank_shard(
+            engine.ds,
+            engine.canonical_parameters(),
+            dp_rank=rt.dp_rank,
+            dp_size=rt.dp,
+            tp_rank=rt.topology.coordinates(rt.rank)[2],
+            tp_size=rt.tp,
+        )
+        write_rank_shard(staging, self.rank, tensors, meta)
+        torch.save(trainer_state, staging / trainer_state_file(self.rank))
+        if self.rank == 0:
+            common = {
+                "step": step,
+                "optimizer_step": get_step(engine.ds),
+                "scheduler": engine.ds.lr_scheduler.state_dict(),
+                "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp},
+            }
+            torch.save(common, staging / COMMON)
         _barrier()
         final = self.directory / tag
         if self.rank == 0:
-            (staging / "config.yaml").write_text(config_yaml)
-            files = {
-                str(p.relative_to(staging)): p.stat().st_size
-                for p in sorted(staging.rglob("*"))
-                if p.is_file()
-            }
-            _atomic_write_text(staging / MARKER, json.dumps({"step": step, "files": files}))
-            if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside
-                old = self.directory / f"{tag}.replaced"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(staging, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(staging, final)
+            seal(staging, final, step, config_yaml)
             _atomic_write_text(self.directory / LATEST, tag + "\n")
             self._prune(keep=final)
         _barrier()
@@ -127,28 +137,57 @@ class CheckpointManager:
         for stale in self.directory.glob("step_*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    # ------------------------------------------------------------------ load
-    def load(self, engine, path: Path | None = None) -> Restored | None:
-        """Restore engine (model, optimizer, LR schedule) and this rank's trainer state."""
-        path = path or self.latest()
-        if path is None:
-            return None
-        verify_checkpoint(path)
-        load_path, _ = engine.load_checkpoint(
-            str(path.parent),
-            tag=path.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-        if load_path is None:
-            raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
-        own = path / f"trainer_rank_{self.rank:05d}.pt"
-        # A rank that did not exist when the checkpoint was written (the data-parallel size grew)
-        # starts from rank 0's state: the data position is global, RNG states are re-derived.
-        state_file = own if own.is_file() else path / "trainer_rank_00000.pt"
-        trainer_state = torch.load(state_file, weights_only=False)
-        marker = json.loads((path / MARKER).read_text())
-        return Restored(step=int(marker["step"]), trainer_state=trainer_state, path=path)
+
+def seal(staging: Path, final: Path, step: int, config_yaml: str) -> None:
+    """Write config + marker into a fully written staging directory and move it into place."""
+    (staging / "config.yaml").write_text(config_yaml)
+    files = {
+        str(p.relative_to(staging)): p.stat().st_size
+        for p in sorted(staging.rglob("*"))
+        if p.is_file()
+    }
+    _atomic_write_text(staging / MARKER, json.dumps({"step": step, "files": files}))
+    if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+        old = final.with_name(final.name + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final)
+
+
+# ---------------------------------------------------------------------- load
+def open_checkpoint(path: Path, *, num_layers: int) -> CheckpointReader:
+    """Verify a checkpoint and index its shards; it must hold exactly this model's parameters."""
+    verify_checkpoint(path)
+    reader = CheckpointReader(path)
+    reader.check_matches(canonical_names(num_layers))
+    return reader
+
+
+def weight_loader(reader: CheckpointReader, *, tp_rank: int, tp_size: int):
+    """`load_weights` callback for `build_engine`: fills parameters before DeepSpeed wraps them."""
+    return lambda named: load_weights(reader, named, tp_rank=tp_rank, tp_size=tp_size)
+
+
+def restore_optimizer(engine, reader: CheckpointReader, *, tp_rank: int, tp_size: int) -> None:
+    """Master weights, Adam moments, step count and LR schedule into a freshly built engine."""
+    prepare_for_restore(engine.ds)
+    for name, param in engine.canonical_parameters():
+        values = {kind: reader.local(name, kind, tp_rank, tp_size) for kind in KINDS}
+        set_param_state(engine.ds, param, values)
+    set_step(engine.ds, reader.common["optimizer_step"])
+    set_lr_schedule(engine.ds, reader.common["scheduler"])
+    engine.ds.global_steps = reader.common["step"]
+
+
+def load_trainer_state(path: Path, rank: int) -> dict:
+    """This rank's trainer state. A rank that did not exist when the checkpoint was written (the
+    data-parallel size grew) takes rank 0's: the data position is global, and the only other
+    per-rank state (the CPU RNG) does not drive anything that must match across ranks."""
+    own = path / trainer_state_file(rank)
+    return torch.load(own if own.is_file() else path / trainer_state_file(0), weights_only=False)
 
 
 def verify_checkpoint(path: Path) -> dict:

@@ -1,9 +1,12 @@
 """The forward (corruption) process: sampling t and masking tokens, reproducibly.
 
-Randomness is derived from (seed, step, micro-batch, data-parallel replica) and never from a
-process-global RNG, so that
+Randomness is derived from (seed, step, index of the sequence in the step's global batch) and
+never from a process-global RNG, so that
   * every tensor/pipeline rank of one data-parallel replica draws the same masks (they must agree
     on the input of a shared forward pass), while different replicas draw different ones;
+  * the corruption of a sequence does not depend on how the global batch is split into
+    micro-batches and replicas: a DP=2 run masks exactly as a single process with twice the
+    micro-batch (what makes layouts comparable, and a resume at another DP size exact);
   * a resumed run corrupts step N exactly as an uninterrupted run would, with no RNG state saved;
   * CPU and GPU runs mask identically (generators live on the CPU; the masks are small).
 """
@@ -43,6 +46,14 @@ class CorruptionKey:
     def total(self, batch_size: int) -> int:
         return self.micro_batches * self.replicas * batch_size
 
+    def row_generators(self, batch_size: int, purpose: str) -> list[torch.Generator]:
+        """One generator per sequence, keyed by its index in the step's global batch."""
+        first = self.offset(batch_size)
+        return [
+            derived_generator(self.seed, purpose, self.step, j)
+            for j in range(first, first + batch_size)
+        ]
+
 
 def sample_times(
     batch_size: int, key: CorruptionKey, *, eps: float, antithetic: bool
@@ -59,8 +70,8 @@ def sample_times(
         j = torch.arange(batch_size, dtype=torch.float64) + key.offset(batch_size)
         t = torch.remainder(u + j / key.total(batch_size), 1.0)
     else:
-        gen = derived_generator(key.seed, "t", key.step, key.micro, key.replica)
-        t = torch.rand(batch_size, generator=gen, dtype=torch.float64)
+        gens = key.row_generators(batch_size, "t")
+        t = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
     return (eps + (1.0 - eps) * t).float()
 
 
@@ -68,16 +79,16 @@ def mask_tokens(
     x0: torch.Tensor,
     alpha: torch.Tensor,
     mask_id: int,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     maskable: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each position independently stays x0 with probability alpha, else becomes `mask_id`.
 
     x0 [b, s]; alpha broadcastable to [b, s] (per-sequence [b, 1] or per-position [b, s]);
-    maskable [b, s] bool or None: positions that may be masked (a clean prefix stays visible).
-    Returns (x_t [b, s], masked [b, s] bool).
+    generators: one per row; maskable [b, s] bool or None: positions that may be masked (a clean
+    prefix stays visible). Returns (x_t [b, s], masked [b, s] bool).
     """
-    u = torch.rand(x0.shape, generator=generator).to(x0.device)
+    u = torch.stack([torch.rand(x0.shape[1], generator=g) for g in generators]).to(x0.device)
     masked = u >= alpha.to(x0.device)
     if maskable is not None:
         masked &= maskable

@@ -14,12 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config import DiffusionConfig
-from pretrain.diffusion.corruption import (
-    CorruptionKey,
-    derived_generator,
-    mask_tokens,
-    sample_times,
-)
+from pretrain.diffusion.corruption import CorruptionKey, mask_tokens, sample_times
 from pretrain.diffusion.schedules import NoiseSchedule, build_schedule
 from pretrain.errors import ConfigError
 
@@ -77,12 +72,17 @@ class MaskedDiffusion:
         self.antithetic = antithetic
         self.z = schedule.window_normalizer(eps)
         self.metric_name, self._normalize = NORMALIZATIONS[normalization]
+        # every key `loss` reports (plus the loss itself), in a fixed order for reductions
+        self.metric_names = tuple(
+            dict.fromkeys(
+                ["loss", self.metric_name, "nelbo_per_token_slot", "ce_masked", "masked_fraction"]
+            )
+        )
 
     def prepare(self, x0: torch.Tensor, key: CorruptionKey) -> DiffusionBatch:
         """Corrupt a training micro-batch x0 [b, s] at the times the key assigns it."""
         t = sample_times(x0.shape[0], key, eps=self.eps, antithetic=self.antithetic)
-        gen = derived_generator(key.seed, "mask", key.step, key.micro, key.replica)
-        return self._corrupt(x0, t, gen)
+        return self._corrupt(x0, t, key.row_generators(x0.shape[0], "mask"))
 
     def prepare_eval(self, x0: torch.Tensor, key: CorruptionKey) -> DiffusionBatch:
         """Validation corruption: a fixed t-grid over the whole validation set and fixed masks.
@@ -94,13 +94,11 @@ class MaskedDiffusion:
         b = x0.shape[0]
         j = torch.arange(b, dtype=torch.float64) + key.offset(b)
         t = (self.eps + (1.0 - self.eps) * (j + 0.5) / key.total(b)).float()
-        return self._corrupt(
-            x0, t, derived_generator(key.seed, "eval-mask", key.micro, key.replica)
-        )
+        return self._corrupt(x0, t, key.row_generators(b, "eval-mask"))
 
-    def _corrupt(self, x0, t, gen) -> DiffusionBatch:
+    def _corrupt(self, x0, t, generators) -> DiffusionBatch:
         alpha = self.schedule.alpha(t)[:, None]  # [b, 1]
-        x_t, masked = mask_tokens(x0, alpha, self.mask_id, gen)
+        x_t, masked = mask_tokens(x0, alpha, self.mask_id, generators)
         weight = (self.z * self.schedule.weight(t))[:, None].to(x0.device)  # [b, 1]
         loss_weights = masked.float() * weight
         return DiffusionBatch(x_t, x0, loss_weights, masked, t.to(x0.device))

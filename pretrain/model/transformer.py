@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
 from pretrain.model.layers import RMSNorm, RotaryEmbedding, transformer_layer_spec
+from pretrain.model.sharding import initialize
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -39,8 +40,8 @@ def megatron_config(
 ) -> TransformerConfig:
     """Our ModelConfig -> Megatron-core TransformerConfig (RMSNorm, SwiGLU, no bias, no dropout).
 
-    `use_cpu_initialization` makes Megatron build each full weight from the global torch RNG and
-    then slice it, so a given seed gives the same model under every TP layout.
+    Megatron's own initialisation is switched off (`perform_initialization=False`): weights are
+    set by `pretrain.model.sharding.initialize`, which gives the same model in every layout.
     """
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -59,6 +60,7 @@ def megatron_config(
         attention_dropout=0.0,
         init_method_std=model.init_std,
         use_cpu_initialization=True,
+        perform_initialization=False,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype if pipeline_parallel_size > 1 else None,
@@ -180,13 +182,20 @@ class DLMTransformer(torch.nn.Module):
         return logits.transpose(0, 1)
 
     def _run_layer(self, layer, hidden, attention_mask, rope):
-        if self.activation_checkpointing and self.training:
-            return checkpoint(
-                lambda h: layer(h, attention_mask=attention_mask, rotary_pos_emb=rope)[0],
-                hidden,
-                use_reentrant=False,
-            )
-        return layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rope)[0]
+        return run_layer(
+            layer, hidden, attention_mask, rope, self.activation_checkpointing and self.training
+        )
+
+
+def run_layer(layer, hidden, attention_mask, rope, recompute: bool) -> torch.Tensor:
+    """One Megatron TransformerLayer on hidden [s, b, h]; `recompute` re-runs it in backward."""
+    if recompute:
+        return checkpoint(
+            lambda h: layer(h, attention_mask=attention_mask, rotary_pos_emb=rope)[0],
+            hidden,
+            use_reentrant=False,
+        )
+    return layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rope)[0]
 
 
 def build_model(
@@ -197,15 +206,25 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> DLMTransformer:
-    """Build the model for the current process groups, initialised from `seed`."""
+    """Build the (non-pipelined) model for the current process groups, initialised from `seed`.
+
+    The weights are the TP shards of the canonical init: identical for every TP layout.
+    """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     config = megatron_config(
         model, params_dtype=params_dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp
     )
-    # The same global seed on every rank: CPU initialisation then slices identical full weights.
-    torch.manual_seed(seed)
-    return DLMTransformer(model, config, vocab_size=vocab_size, excluded_token_ids=(mask_token_id,))
+    net = DLMTransformer(model, config, vocab_size=vocab_size, excluded_token_ids=(mask_token_id,))
+    initialize(
+        net.named_parameters(),
+        seed=seed,
+        std=model.init_std,
+        num_layers=model.num_layers,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=tp,
+    )
+    return net
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -1,17 +1,38 @@
-"""The DeepSpeed engine: ZeRO, precision, gradient accumulation and clipping around our model.
+"""DeepSpeed engines behind one small interface the trainer uses for every layout.
 
-The optimizer is a plain torch AdamW handed to DeepSpeed (fused kernel on CUDA), which keeps the
-engine identical on CPU and GPU: DeepSpeed's own Adam variants need compiled ops.
+    DataParallelEngine      pipeline_parallel = 1: DeepSpeedEngine over the whole model, with
+                            Megatron's groups as `mpu` (TP inside the layers, ZeRO 0-3 over DP)
+    PipelineParallelEngine  pipeline_parallel > 1: DeepSpeed PipelineEngine over the layer list
+                            (1F1B schedule, micro-batches = train.grad_accum_steps, ZeRO 0-1)
+
+Both take the optimizer step's micro-batches (already corrupted by the objective) and return the
+objective's metrics, averaged over the micro-batches, on the ranks that compute the loss. The
+optimizer is a plain torch AdamW handed to DeepSpeed (fused kernel on CUDA): DeepSpeed's own Adam
+variants need compiled ops, and a torch optimizer keeps CPU and GPU runs identical.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from pretrain.config import Config
+from pretrain.diffusion.objective import DiffusionBatch
+from pretrain.model.sharding import initialize
+from pretrain.model.transformer import DLMTransformer, megatron_config, padded_vocab_size
+from pretrain.parallel.pipeline import (
+    PipelineLoss,
+    build_pipeline_module,
+    canonical_pipe_name,
+    pipeline_batches,
+)
 from pretrain.parallel.runtime import Runtime
+from pretrain.parallel.topology import MegatronMPU
+
+# (canonical name, local parameter) pairs -> fills the parameters (a checkpoint's weights)
+WeightLoader = Callable[[list[tuple[str, torch.nn.Parameter]]], None]
 
 
 def deepspeed_config(cfg: Config, rt: Runtime) -> dict:
@@ -36,10 +57,10 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, rt: Runtime) -> torch.optim.Optimizer:
+def build_optimizer(module: torch.nn.Module, cfg: Config, rt: Runtime) -> torch.optim.Optimizer:
     """AdamW; norms (1-D weights) are not decayed, matrices and embeddings are."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in module.parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [
@@ -55,12 +76,159 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, rt: Runtime) -> torch.o
     )
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, rt: Runtime):
-    """Wrap the model in a DeepSpeed engine with AdamW and the warmup+cosine LR schedule."""
+class Engine:
+    """What the trainer needs from an engine, whatever the layout."""
+
+    def __init__(self, ds, objective, rt: Runtime):
+        self.ds = ds
+        self.objective = objective
+        self.rt = rt
+
+    @property
+    def owns_metrics(self) -> bool:
+        """True on the ranks whose metrics count: the last pipeline stage, TP rank 0."""
+        return self.rt.pp_rank == self.rt.pp - 1 and self.rt.tp_rank == 0
+
+    def global_metrics(self, local: dict[str, float]) -> dict[str, float]:
+        """Average the objective's metrics over data-parallel replicas, on every rank.
+
+        Only the last pipeline stage computes them and TP ranks duplicate them, so one rank per
+        replica contributes to a sum over the world, which is then divided by the replica count.
+        """
+        names = self.objective.metric_names
+        values = [local[n] if self.owns_metrics else 0.0 for n in names]
+        if self.rt.world_size == 1:
+            return dict(zip(names, values, strict=True))
+        vector = torch.tensor(values, dtype=torch.float64, device=self.rt.device)
+        torch.distributed.all_reduce(vector)
+        return dict(zip(names, (vector / self.rt.dp).tolist(), strict=True))
+
+    @property
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    @property
+    def grad_norm(self) -> float | None:
+        """Pre-clipping global gradient norm of the last step (ZeRO stages >= 1 report it)."""
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def canonical_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        raise NotImplementedError
+
+    def train_step(self, batches: list[DiffusionBatch]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def eval_step(self, batch: DiffusionBatch) -> dict[str, float]:
+        raise NotImplementedError
+
+
+def _mean(metrics: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    return {k: sum(m[k].item() for m in metrics) / len(metrics) for k in metrics[0]}
+
+
+class DataParallelEngine(Engine):
+    def canonical_parameters(self):
+        return list(self.ds.module.named_parameters())
+
+    def _forward(self, batch: DiffusionBatch):
+        ce = self.ds(batch.inputs, targets=batch.targets, attention_mask=batch.attention_mask)
+        loss, metrics = self.objective.loss(ce, batch)
+        return loss, {"loss": loss.detach(), **metrics}
+
+    def train_step(self, batches):
+        self.ds.train()
+        collected = []
+        for batch in batches:
+            loss, metrics = self._forward(batch)
+            self.ds.backward(loss)
+            self.ds.step()  # DeepSpeed applies the update after the last micro-batch only
+            collected.append(metrics)
+        return _mean(collected)
+
+    @torch.no_grad()
+    def eval_step(self, batch):
+        self.ds.eval()
+        return _mean([self._forward(batch)[1]])
+
+
+class PipelineParallelEngine(Engine):
+    def __init__(self, ds, objective, rt, loss: PipelineLoss, num_layers: int):
+        super().__init__(ds, objective, rt)
+        self.loss = loss
+        self.num_layers = num_layers
+
+    def canonical_parameters(self):
+        return [
+            (canonical_pipe_name(name, self.num_layers), p)
+            for name, p in self.ds.module.named_parameters()
+        ]
+
+    def train_step(self, batches):
+        self.ds.train()
+        self.ds.train_batch(data_iter=pipeline_batches(batches))
+        collected = self.loss.pop()
+        return _mean(collected) if collected else {}
+
+    @torch.no_grad()
+    def eval_step(self, batch):
+        self.ds.eval()
+        self.ds.eval_batch(pipeline_batches([batch]), num_micro_batches=1)
+        collected = self.loss.pop()
+        return _mean(collected) if collected else {}
+
+
+def build_engine(
+    cfg: Config,
+    rt: Runtime,
+    *,
+    vocab_size: int,
+    mask_token_id: int,
+    objective,
+    load_weights: WeightLoader | None = None,
+) -> Engine:
+    """Build the model for this rank's place in the layout, fill its weights (from a checkpoint,
+    or the seeded canonical init) and wrap it in the DeepSpeed engine of the layout."""
     import deepspeed
 
-    model.to(rt.device)
-    optimizer = build_optimizer(model, cfg, rt)
+    config = megatron_config(
+        cfg.model,
+        params_dtype=rt.dtype,
+        tensor_parallel_size=rt.tp,
+        pipeline_parallel_size=rt.pp,
+    )
+    if rt.pp == 1:
+        module = DLMTransformer(
+            cfg.model, config, vocab_size=vocab_size, excluded_token_ids=(mask_token_id,)
+        )
+        named = list(module.named_parameters())
+    else:
+        loss = PipelineLoss(objective)
+        module = build_pipeline_module(
+            cfg.model,
+            config,
+            vocab_size=vocab_size,
+            padded_vocab=padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by),
+            mask_token_id=mask_token_id,
+            topology=rt.topology.deepspeed_topology(),
+            loss=loss,
+        )
+        named = [
+            (canonical_pipe_name(n, cfg.model.num_layers), p) for n, p in module.named_parameters()
+        ]
+    if load_weights is not None:
+        load_weights(named)
+    else:
+        initialize(
+            named,
+            seed=cfg.train.seed,
+            std=cfg.model.init_std,
+            num_layers=cfg.model.num_layers,
+            tp_rank=rt.tp_rank,
+            tp_size=rt.tp,
+        )
+    module.to(rt.device)
+    optimizer = build_optimizer(module, cfg, rt)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: warmup_cosine(
@@ -70,18 +238,15 @@ def build_engine(model: torch.nn.Module, cfg: Config, rt: Runtime):
             min_ratio=cfg.optim.min_lr_ratio,
         ),
     )
-    engine, *_ = deepspeed.initialize(
-        model=model,
+    ds, *_ = deepspeed.initialize(
+        model=module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, rt),
+        # DeepSpeed derives a pipeline engine's groups from the PipelineModule's topology and
+        # refuses an mpu next to it; the plain engine takes Megatron's groups through the mpu.
+        mpu=MegatronMPU() if rt.pp == 1 else None,
     )
-    return engine
-
-
-def global_grad_norm(engine) -> float | None:
-    """Pre-clipping global gradient norm of the last optimizer step (ZeRO stages report it)."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm)
+    if rt.pp == 1:
+        return DataParallelEngine(ds, objective, rt)
+    return PipelineParallelEngine(ds, objective, rt, loss, cfg.model.num_layers)

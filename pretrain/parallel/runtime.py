@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from pretrain.config import Config
 from pretrain.errors import ConfigError
+from pretrain.parallel.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,32 @@ class Runtime:
     local_rank: int
     device: torch.device
     dtype: torch.dtype
-    tp: int
-    pp: int
-    dp: int
+    topology: Topology
     dp_rank: int
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def tp(self) -> int:
+        return self.topology.tp
+
+    @property
+    def pp(self) -> int:
+        return self.topology.pp
+
+    @property
+    def dp(self) -> int:
+        return self.topology.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.topology.coordinates(self.rank)[2]
+
+    @property
+    def pp_rank(self) -> int:
+        return self.topology.coordinates(self.rank)[0]
 
 
 def _free_port() -> int:
@@ -74,13 +93,8 @@ def init_runtime(cfg: Config) -> Runtime:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    world = dist.get_world_size()
-    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
-    if world % (tp * pp):
-        raise ConfigError(
-            f"world size {world} is not divisible by parallel.tensor_parallel ({tp}) x "
-            f"parallel.pipeline_parallel ({pp})"
-        )
+    topology = Topology.from_config(cfg, dist.get_world_size())
+    tp, pp = topology.tp, topology.pp
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
@@ -91,16 +105,22 @@ def init_runtime(cfg: Config) -> Runtime:
     ) != (tp, pp):
         # DeepSpeed caches process groups per process, so a layout cannot change in-process.
         raise RuntimeError("this process already runs another parallel layout; start a new one")
+    rank = dist.get_rank()
+    # Megatron's groups and our topology must agree on where this rank sits.
+    pp_rank, dp_rank, tp_rank = topology.coordinates(rank)
+    assert (pp_rank, dp_rank, tp_rank) == (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+    ), f"rank {rank}: topology and Megatron-core disagree on the rank layout"
     return Runtime(
-        rank=dist.get_rank(),
-        world_size=world,
+        rank=rank,
+        world_size=topology.world_size,
         local_rank=int(os.environ["LOCAL_RANK"]),
         device=device,
         dtype=resolve_dtype(cfg, device),
-        tp=tp,
-        pp=pp,
-        dp=parallel_state.get_data_parallel_world_size(),
-        dp_rank=parallel_state.get_data_parallel_rank(),
+        topology=topology,
+        dp_rank=dp_rank,
     )
 
 

@@ -1,0 +1,172 @@
+"""The layout-independent checkpoint format: what each rank writes and how any layout reads it.
+
+    shards/rank-00003.safetensors   tensors "<canonical name>#<kind>" (kind: param, exp_avg,
+                                    exp_avg_sq), each the writing rank's TP shard, complete over DP;
+                                    header metadata: per name its tp_rank and tp_size
+    common.pt                       optimizer step, LR scheduler, layout it was written with
+    trainer_rank_00003.pt           per-rank trainer state (data position, RNG, tracking run)
+
+Every rank writes its own shard file. Within a data-parallel group the parameters of one
+(pipeline stage, TP rank) are dealt out round-robin, so all ranks share the writing; a TP-replicated
+parameter (RMSNorm weight) is written by TP rank 0 only. Reading never needs the writer's layout:
+a tensor written under the same TP size is read as is, otherwise the TP shards are joined into the
+canonical tensor and re-split (`pretrain.model.sharding`). This is why resuming at another
+data-parallel size, or another tensor/pipeline layout, is the same code path as a plain resume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pretrain.checkpoint.optim_state import KINDS, get_param_state, link_fragments
+from pretrain.errors import CheckpointError
+from pretrain.model.sharding import shard, shard_spec, unshard
+
+FORMAT_VERSION = 1
+SHARD_DIR = "shards"
+COMMON = "common.pt"
+
+
+def shard_file(rank: int) -> str:
+    return f"rank-{rank:05d}.safetensors"
+
+
+def trainer_state_file(rank: int) -> str:
+    return f"trainer_rank_{rank:05d}.pt"
+
+
+def capture_rank_shard(
+    ds, named_params, *, dp_rank: int, dp_size: int, tp_rank: int, tp_size: int
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Collective over each DP group: the tensors this rank writes and their metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, dict] = {}
+    link_fragments(ds)
+    for i, (name, param) in enumerate(named_params):
+        state = get_param_state(ds, param)  # every DP rank takes part, owner or not
+        replicated = shard_spec(name).dim is None
+        if i % dp_size != dp_rank or (replicated and tp_rank != 0):
+            continue
+        for kind in KINDS:
+            tensors[f"{name}#{kind}"] = state[kind].detach().to("cpu", torch.float32).contiguous()
+        meta[name] = {"tp_rank": tp_rank, "tp_size": tp_size}
+    return tensors, meta
+
+
+def write_rank_shard(directory: Path, rank: int, tensors, meta) -> None:
+    (directory / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    metadata = {"dlm": json.dumps({"format": FORMAT_VERSION, "tensors": meta})}
+    save_file(tensors, str(directory / SHARD_DIR / shard_file(rank)), metadata=metadata)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    tp_rank: int
+    tp_size: int
+
+
+class CheckpointReader:
+    """Index of a checkpoint's shard files; reads any tensor for any tensor-parallel layout."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.index: dict[str, list[_Entry]] = {}
+        files = sorted((self.path / SHARD_DIR).glob("rank-*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.path}: no {SHARD_DIR}/rank-*.safetensors files")
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get("dlm", "{}"))
+            if header.get("format") != FORMAT_VERSION:
+                raise CheckpointError(
+                    f"{file}: checkpoint shard format {header.get('format')!r}, "
+                    f"expected {FORMAT_VERSION}"
+                )
+            for name, info in header["tensors"].items():
+                self.index.setdefault(name, []).append(
+                    _Entry(file, int(info["tp_rank"]), int(info["tp_size"]))
+                )
+        for entries in self.index.values():
+            entries.sort(key=lambda e: e.tp_rank)
+        self.common = torch.load(self.path / COMMON, weights_only=False)
+
+    def names(self) -> set[str]:
+        return set(self.index)
+
+    def _read(self, entry: _Entry, key: str) -> torch.Tensor:
+        with safe_open(str(entry.file), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def full(self, name: str, kind: str = "param") -> torch.Tensor:
+        """The canonical (unsharded) tensor."""
+        entries = self._entries(name)
+        spec = shard_spec(name)
+        if spec.dim is None:
+            return self._read(entries[0], f"{name}#{kind}")
+        if [e.tp_rank for e in entries] != list(range(entries[0].tp_size)):
+            raise CheckpointError(f"{self.path}: TP shards of '{name}' are incomplete")
+        return unshard([self._read(e, f"{name}#{kind}") for e in entries], spec)
+
+    def local(self, name: str, kind: str, tp_rank: int, tp_size: int) -> torch.Tensor:
+        """This TP rank's shard of the tensor, for a layout with `tp_size` TP ranks."""
+        entries = self._entries(name)
+        spec = shard_spec(name)
+        if spec.dim is not None and entries[0].tp_size == tp_size:
+            return self._read(entries[tp_rank], f"{name}#{kind}")  # same TP layout: no re-split
+        return shard(self.full(name, kind), spec, tp_rank, tp_size)
+
+    def _entries(self, name: str) -> list[_Entry]:
+        if name not in self.index:
+            raise CheckpointError(
+                f"{self.path}: has no parameter '{name}' (was it written by another model "
+                "architecture? compare model.* in its config.yaml)"
+            )
+        return self.index[name]
+
+    def check_matches(self, expected: set[str]) -> None:
+        """The checkpoint must hold exactly the parameters of the model being built."""
+        missing, extra = expected - self.names(), self.names() - expected
+        if missing or extra:
+            raise CheckpointError(
+                f"{self.path}: parameters do not match the model: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(extra)[:3]} ({len(missing)} missing, {len(extra)} unexpected)"
+            )
+
+
+def canonical_names(num_layers: int) -> set[str]:
+    """Every canonical parameter name of a `num_layers` model."""
+    per_layer = [
+        "input_layernorm.weight",
+        "self_attention.linear_qkv.weight",
+        "self_attention.linear_proj.weight",
+        "pre_mlp_layernorm.weight",
+        "mlp.linear_fc1.weight",
+        "mlp.linear_fc2.weight",
+    ]
+    names = {
+        "embedding.word_embeddings.weight",
+        "head.final_norm.weight",
+        "head.output_layer.weight",
+    }
+    names.update(f"layers.{i}.{p}" for i in range(num_layers) for p in per_layer)
+    return names
+
+
+def load_weights(reader: CheckpointReader, named_params, *, tp_rank: int, tp_size: int) -> None:
+    """Fill local parameters (before the engine exists) with the checkpoint's master weights."""
+    with torch.no_grad():
+        for name, param in named_params:
+            value = reader.local(name, "param", tp_rank, tp_size)
+            if value.shape != param.shape:
+                raise CheckpointError(
+                    f"{reader.path}: '{name}' has shape {tuple(value.shape)} for this layout, "
+                    f"the model expects {tuple(param.shape)}"
+                )
+            param.copy_(value)

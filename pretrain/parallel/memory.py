@@ -1,0 +1,326 @@
+"""Memory planner: bytes per GPU of weights, gradients, optimizer state and activations.
+
+    dlm plan configs/llada-8b.yaml [key=value ...] --layout 4x2x8:1 --layout 1x1x8:3
+
+Parameter, gradient and optimizer numbers are exact for the model `pretrain.model.transformer`
+builds (V_pad = vocab rounded up to `make_vocab_size_divisible_by`, n_kv = num_query_groups or n_q,
+d = h / n_q, f = ffn_hidden_size, no biases, untied output layer):
+
+    per layer  2h (two RMSNorms) + (n_q + 2 n_kv) d h (fused QKV) + h n_q d (proj) + 3 f h (SwiGLU)
+    embedding  V_pad h            head  h (final RMSNorm) + V_pad h
+
+Tensor parallelism (tp) splits every matrix by tp; RMSNorm weights are replicated on each TP rank.
+Pipeline stages get the layers as evenly as possible, the earlier stages one extra when pp does not
+divide them: what DeepSpeed's `partition_method="type:..."` (partition_balanced) gives for the layer
+list [embedding, layers..., head]. The embedding lives on the first stage, the head on the last.
+Bytes per element: bf16 = weights 2, grads 2, optimizer 12 (fp32 master + Adam m + v);
+fp32 = 4, 4, 8. ZeRO over the dp group: stage >= 1 shards the optimizer, >= 2 the grads, 3 the
+weights. Not counted: DeepSpeed's communication buckets (reduce_bucket_size, ~1 GB in bf16), the
+transient fp32 gradient partition at the optimizer step, ZeRO alignment padding, ZeRO-3's gathered
+layer, the CUDA context.
+
+Activations are ESTIMATES for one micro-batch (b sequences of s tokens) per stage: the tensors
+autograd saves for backward, measured op by op on this layer (sequence parallel off; e = 2 bytes
+in bf16, 4 in fp32; "/t" marks tensors split by tp, the rest are replicated on each TP rank):
+
+    RMSNorm x2        2 * (4 sbh [fp32 upcast of input] + 2 e sbh [normed, and the output that
+                      the next linear saves]) + 2 * 4 sb [rstd]
+    fused QKV out     e sb (n_q + 2 n_kv) d / t  [v is a view of it, so attention keeps it whole]
+    RoPE q, k         e sb (n_q + n_kv) d / t  + 4 e s d [cos/sin]
+    SDPA (flash/cuDNN kernels keep no s x s matrix)   4 b s n_q / t [logsumexp]
+                      + e sbh / t [output, which is also the proj input: it is written in the
+                      query's [s, b] layout]; the `flash` backend writes [b, s], so its reshape
+                      copies: + e sbh / t; the `masked` reference backend adds 4 b n_q s^2 / t
+    SwiGLU            10 e/2 sbf / t [fc1 out 2f (silu saves the gate view, keeping it whole),
+                      silu out, up + offset copy, product = fc2 input]
+    head (last stage) 8 sbh [final norm, as above] + 4 sbV_pad / t [fp32 logits the vocab-parallel
+                      CE keeps] + e sbV_pad / t transient [bf16 logits alive during the upcast]
+    tokens/targets    int64 ids on the first stage, ids and mask in the CE on the last
+
+Residual adds and p=0 dropout save nothing. Activation checkpointing keeps only each layer's input
+(e sbh) plus, in the backward pass, one layer's full set while it is recomputed. DeepSpeed's 1F1B
+schedule keeps min(pp - k, m) micro-batches in flight on stage k; we assume m (gradient accumulation
+steps) >= pp, so the first stage holds pp of them, the last stage one. Pipeline boundary tensors
+(received input, sent output) add e sbh per micro-batch in flight. Allocator overhead, gradient
+temporaries of the backward pass, communication buffers and fragmentation are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from pretrain.config import ModelConfig
+from pretrain.errors import ConfigError
+
+GiB = 2**30
+_BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}  # weights, grads, optimizer per element
+DEFAULT_LAYOUTS = ("1x1x8:1", "1x1x8:3", "2x1x4:1", "4x2x1:1", "8x1x1:1", "4x2x8:1")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int = 1
+    micro_batch_size: int = 1
+    seq_len: int = 2048
+    activation_checkpointing: bool = False
+    precision: Literal["bf16", "fp32"] = "bf16"
+
+    @property
+    def name(self) -> str:
+        return f"{self.tp}x{self.pp}x{self.dp}"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU on the heaviest pipeline stage (largest total; ties go to the first)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    total: int
+    params_per_gpu: int
+    stage: int
+    num_stages: int
+
+    @property
+    def stage_name(self) -> str:
+        if self.num_stages == 1:
+            return "only"
+        return {0: "first", self.num_stages - 1: "last"}.get(self.stage, f"stage {self.stage}")
+
+
+def _padded_vocab(model: ModelConfig, vocab_size: int) -> int:
+    multiple = model.make_vocab_size_divisible_by
+    return -(-vocab_size // multiple) * multiple
+
+
+def _layer_matrices(model: ModelConfig) -> int:
+    """Elements of one layer's matrices (split by tp); its two RMSNorms (2h) are not included."""
+    h, n_q, f = model.hidden_size, model.num_attention_heads, model.ffn_hidden_size
+    n_kv, d = model.num_query_groups or n_q, h // n_q
+    return (n_q + 2 * n_kv) * d * h + h * n_q * d + 3 * f * h
+
+
+def parameter_counts(model: ModelConfig, vocab_size: int) -> dict[str, int]:
+    """Exact parameter counts: total, per_layer, layers, embedding, head, padded_vocab."""
+    h, v_pad = model.hidden_size, _padded_vocab(model, vocab_size)
+    per_layer = 2 * h + _layer_matrices(model)
+    counts = {"per_layer": per_layer, "layers": model.num_layers * per_layer}
+    counts |= {"embedding": v_pad * h, "head": h + v_pad * h, "padded_vocab": v_pad}
+    counts["total"] = counts["layers"] + counts["embedding"] + counts["head"]
+    return counts
+
+
+def layers_per_stage(num_layers: int, pp: int) -> list[int]:
+    """Balanced split; the first `num_layers % pp` stages get one layer more (DeepSpeed's)."""
+    return [num_layers // pp + (k < num_layers % pp) for k in range(pp)]
+
+
+def stage_parameter_counts(model: ModelConfig, vocab_size: int, tp: int, pp: int) -> list[int]:
+    """Parameters held by one TP rank of each pipeline stage."""
+    h, v_pad = model.hidden_size, _padded_vocab(model, vocab_size)
+    per_layer = 2 * h + _layer_matrices(model) // tp  # norms replicated on every TP rank
+    counts = [n * per_layer for n in layers_per_stage(model.num_layers, pp)]
+    counts[0] += v_pad * h // tp
+    counts[-1] += h + v_pad * h // tp
+    return counts
+
+
+def layer_activation_bytes(model: ModelConfig, b: int, s: int, tp: int, e: int) -> int:
+    """Saved-for-backward bytes of one transformer layer (module docstring has the terms)."""
+    h, n_q, f = model.hidden_size, model.num_attention_heads, model.ffn_hidden_size
+    n_kv, d, sb = model.num_query_groups or n_q, h // n_q, s * b
+    norms = 2 * ((4 + 2 * e) * sb * h + 4 * sb)
+    qkv = e * sb * (n_q + 2 * n_kv) * d // tp
+    rope = e * sb * (n_q + n_kv) * d // tp + 4 * e * s * d
+    attn = 4 * b * s * n_q // tp + e * sb * h // tp
+    if model.attention_backend == "flash":
+        attn += e * sb * h // tp
+    elif model.attention_backend == "masked":
+        attn += 4 * b * n_q * s * s // tp
+    mlp = 5 * e * sb * f // tp
+    return norms + qkv + rope + attn + mlp
+
+
+def head_activation_bytes(model: ModelConfig, v_pad: int, b: int, s: int, tp: int, e: int):
+    """(saved, transient) bytes of the last stage's final norm, logits and cross-entropy."""
+    sb = s * b
+    saved = (4 + 2 * e) * sb * model.hidden_size + 4 * sb + 4 * sb * v_pad // tp + 9 * sb
+    # In bf16 the logits are upcast to fp32 for the CE: both copies exist until it returns.
+    transient = e * sb * v_pad // tp if e != 4 else 0
+    return saved, transient
+
+
+def _stage_activations(model: ModelConfig, v_pad: int, layout: Layout, k: int) -> int:
+    b, s, tp, pp = layout.micro_batch_size, layout.seq_len, layout.tp, layout.pp
+    e = 2 if layout.precision == "bf16" else 4
+    n, last, x = (
+        layers_per_stage(model.num_layers, pp)[k],
+        k == pp - 1,
+        e * s * b * model.hidden_size,
+    )
+    layer = layer_activation_bytes(model, b, s, tp, e)
+    head_saved, head_transient = head_activation_bytes(model, v_pad, b, s, tp, e)
+    per_mb = 8 * s * b if k == 0 else 0  # token ids for the embedding's backward
+    per_mb += x if not last else 0  # output sent downstream, kept until its gradient comes back
+    if layout.activation_checkpointing:
+        # Received input == first checkpointed layer input, so no extra boundary term.
+        per_mb += n * x
+        head = head_saved + head_transient if last else 0
+        return (pp - k) * per_mb + max(head, layer if n else 0)
+    per_mb += n * layer + (x if k > 0 else 0)
+    if last:
+        return per_mb + head_saved + head_transient
+    return (pp - k) * per_mb
+
+
+def check_layout(model: ModelConfig, layout: Layout) -> None:
+    """The same divisibility rules the runtime topology enforces, as one-line ConfigErrors."""
+    tp, pp = layout.tp, layout.pp
+    if min(tp, pp, layout.dp, layout.micro_batch_size, layout.seq_len) <= 0:
+        raise ConfigError(f"layout {layout.name}: sizes, micro-batch and seq-len must be positive")
+    if layout.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"layout {layout.name}: ZeRO stage must be 0..3")
+    n_kv = model.num_query_groups or model.num_attention_heads
+    for key, value in (
+        ("num_attention_heads", model.num_attention_heads),
+        ("num_query_groups", n_kv),
+        ("ffn_hidden_size", model.ffn_hidden_size),
+        ("make_vocab_size_divisible_by", model.make_vocab_size_divisible_by),
+    ):
+        if value % tp:
+            raise ConfigError(f"layout {layout.name}: model.{key} ({value}) not divisible by tp")
+    if model.num_layers < pp:
+        raise ConfigError(f"layout {layout.name}: model.num_layers ({model.num_layers}) < pp")
+    if pp > 1 and layout.zero_stage > 1:
+        raise ConfigError(f"layout {layout.name}: DeepSpeed's pipeline engine supports ZeRO 0/1")
+
+
+def per_gpu_memory(model: ModelConfig, vocab_size: int, layout: Layout) -> MemoryEstimate:
+    """Per-GPU bytes on the pipeline stage with the largest total."""
+    check_layout(model, layout)
+    w, g, o = _BYTES[layout.precision]
+    dp, zero = layout.dp, layout.zero_stage
+    v_pad = _padded_vocab(model, vocab_size)
+
+    def shard(n: int, stage: int) -> int:  # ZeRO partitions over dp (ceil: the last rank pads)
+        return -(-n // dp) if zero >= stage else n
+
+    best: MemoryEstimate | None = None
+    for k, n in enumerate(stage_parameter_counts(model, vocab_size, layout.tp, layout.pp)):
+        params, grads, opt = w * shard(n, 3), g * shard(n, 2), o * shard(n, 1)
+        act = _stage_activations(model, v_pad, layout, k)
+        total = params + grads + opt + act
+        if best is None or total > best.total:
+            best = MemoryEstimate(params, grads, opt, act, total, n, k, layout.pp)
+    assert best is not None
+    return best
+
+
+PlanRow = tuple[str, Layout, MemoryEstimate]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def format_table(rows: list[PlanRow]) -> str:
+    """Markdown table of plan rows (model name, layout, estimate); sizes in GiB to 1 decimal."""
+    header = (
+        "model",
+        "layout tp x pp x dp",
+        "GPUs",
+        "ZeRO",
+        "micro-batch x seq",
+        "stage",
+        "params/GPU",
+        "weights GiB",
+        "grads GiB",
+        "optimizer GiB",
+        "activations GiB",
+        "total GiB",
+    )
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name, lay, est in rows:
+        batch = f"{lay.micro_batch_size} x {lay.seq_len}" + (
+            " ckpt" if lay.activation_checkpointing else ""
+        )
+        gib = [
+            f"{x / GiB:.1f}"
+            for x in (est.params, est.grads, est.optimizer, est.activations, est.total)
+        ]
+        cells = [name, lay.name, str(lay.tp * lay.pp * lay.dp), str(lay.zero_stage), batch]
+        cells += [est.stage_name, _count(est.params_per_gpu), *gib]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_LAYOUT = re.compile(r"(\d+)x(\d+)x(\d+)(?::(\d))?")
+
+
+def parse_layout(text: str, *, zero_stage: int, **rest) -> Layout:
+    """'TPxPPxDP[:ZERO]' -> Layout; `rest` fills micro-batch, seq-len, checkpointing, precision."""
+    match = _LAYOUT.fullmatch(text.strip().lower())
+    if match is None:
+        raise ConfigError(f"--layout '{text}': expected TPxPPxDP[:ZERO], e.g. 4x2x8:1")
+    tp, pp, dp = (int(x) for x in match.groups()[:3])
+    zero = int(match.group(4)) if match.group(4) is not None else zero_stage
+    return Layout(tp, pp, dp, zero, **rest)
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config, e.g. configs/llada-8b.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides (right after CONFIG)"
+    )
+    parser.add_argument(
+        "--layout",
+        action="append",
+        metavar="TPxPPxDP[:ZERO]",
+        help=f"parallel layout, repeatable (default: {' '.join(DEFAULT_LAYOUTS)})",
+    )
+    parser.add_argument("--micro-batch", type=int, help="default: train.micro_batch_size")
+    parser.add_argument("--seq-len", type=int, help="default: data.seq_len")
+    parser.add_argument("--vocab-size", type=int, help="required when model.vocab_size is null")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the memory table for the config under each layout."""
+    from pretrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    vocab = args.vocab_size or cfg.model.vocab_size
+    if vocab is None:
+        raise ConfigError("model.vocab_size is null: pass --vocab-size N")
+    common = dict(
+        zero_stage=cfg.parallel.zero_stage,
+        micro_batch_size=args.micro_batch or cfg.train.micro_batch_size,
+        seq_len=args.seq_len or cfg.data.seq_len,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        precision="fp32" if cfg.train.precision == "fp32" else "bf16",
+    )
+    rows: list[PlanRow] = []
+    notes: list[str] = []
+    for text in args.layout or DEFAULT_LAYOUTS:
+        layout = parse_layout(text, **common)
+        try:
+            rows.append((cfg.run.name, layout, per_gpu_memory(cfg.model, vocab, layout)))
+        except ConfigError as exc:
+            if args.layout:  # layouts the user asked for must fit; defaults are skipped
+                raise
+            notes.append(f"skipped {exc}")
+    print(format_table(rows))
+    print(
+        "\nPer GPU on the heaviest pipeline stage. Weights/grads/optimizer are exact for this "
+        "model; activations are estimates (no allocator overhead, temporaries or fragmentation)."
+    )
+    for note in notes:
+        print(note)
+    return 0
