@@ -2,6 +2,8 @@
 
     dlm data build INPUT... --out DIR --seq-len N     text/jsonl -> webdataset shards + manifest
     dlm train CONFIG [key.sub=value ...]              train (resumes the run's latest checkpoint)
+    dlm plan CONFIG [--layout TPxPPxDP[:ZERO]] ...    per-GPU memory table for parallel layouts
+    dlm ckpt convert CKPT --out DIR --tp T --pp P     re-shard a checkpoint for another layout
     dlm config show CONFIG [key.sub=value ...]        print the resolved config as YAML
     dlm config docs                                   every config key with default and meaning
 
@@ -69,6 +71,30 @@ def _run_build(args: argparse.Namespace) -> int:
     return run_build(args)
 
 
+def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    from pretrain.checkpoint.convert import add_convert_arguments
+
+    add_convert_arguments(parser)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from pretrain.checkpoint.convert import run_convert
+
+    return run_convert(args)
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from pretrain.parallel.memory import add_plan_arguments
+
+    add_plan_arguments(parser)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from pretrain.parallel.memory import run_plan
+
+    return run_plan(args)
+
+
 COMMANDS: dict[tuple[str, ...], Command] = {
     ("data", "build"): (
         "tokenize text/jsonl files (or the built-in demo corpus) into webdataset shards",
@@ -80,6 +106,16 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         _config_arguments,
         _run_train,
     ),
+    ("plan",): (
+        "per-GPU memory of a config under parallel layouts (weights, grads, optimizer, activ.)",
+        _add_plan_arguments,
+        _run_plan,
+    ),
+    ("ckpt", "convert"): (
+        "re-shard a checkpoint for another tensor/pipeline layout (or consolidate: --tp 1 --pp 1)",
+        _add_convert_arguments,
+        _run_convert,
+    ),
     ("config", "show"): ("print the resolved config as YAML", _config_arguments, _run_config_show),
     ("config", "docs"): (
         "list every config key with its default and meaning",
@@ -88,7 +124,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ),
 }
 
-GROUP_HELP = {"data": "build and inspect datasets", "config": "inspect configs"}
+GROUP_HELP = {
+    "data": "build and inspect datasets",
+    "ckpt": "inspect and convert checkpoints",
+    "config": "inspect configs",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -110,7 +110,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
                 window[name] += value
             if done % cfg.train.log_interval == 0 or done == end:
                 steps = window.pop("steps")
-                logged = {name: value / steps for name, value in window.items()}
+                logged = objective.summarize({name: v / steps for name, v in window.items()})
                 logged["tokens_per_s"] = data.global_tokens_per_step / logged["step_time_s"]
                 logged["lr"] = engine.lr
                 if (grad_norm := engine.grad_norm) is not None:
@@ -204,22 +204,16 @@ class TrainData:
 def evaluate(engine, objective, data: TrainData, cfg: Config, rt: Runtime) -> dict[str, float]:
     """Validation NELBO on fixed sequences, t-grid and masks, so evaluations are comparable.
 
-    All validation batches have the same size, so the NELBO per token slot is the mean over
-    batches and the masked-token CE is weighted by each batch's masked fraction.
+    All validation batches have the same size, so per-slot metrics average over batches.
     """
-    nelbo, ce_weighted, masked = 0.0, 0.0, 0.0
+    sums: dict[str, float] = defaultdict(float)
     for i, x0 in enumerate(data.val):
         key = CorruptionKey(cfg.train.seed, 0, i, rt.dp_rank, len(data.val), rt.dp)
-        metrics = engine.global_metrics(
-            engine.eval_step(objective.prepare_eval(x0.to(rt.device), key))
-        )
-        nelbo += metrics["nelbo_per_token_slot"]
-        ce_weighted += metrics["ce_masked"] * metrics["masked_fraction"]
-        masked += metrics["masked_fraction"]
-    return {
-        "val/nelbo_per_token_slot": nelbo / max(1, len(data.val)),
-        "val/ce_masked": ce_weighted / max(masked, 1e-12),
-    }
+        batch = objective.prepare_eval(x0.to(rt.device), key)
+        for name, value in engine.global_metrics(engine.eval_step(batch)).items():
+            sums[name] += value / len(data.val)
+    means = objective.summarize(sums)
+    return {f"val/{k}": means[k] for k in ("nelbo_per_token_slot", "ce_masked")}
 
 
 def _kv(metrics: dict[str, float]) -> str:

@@ -72,10 +72,18 @@ class MaskedDiffusion:
         self.antithetic = antithetic
         self.z = schedule.window_normalizer(eps)
         self.metric_name, self._normalize = NORMALIZATIONS[normalization]
-        # every key `loss` reports (plus the loss itself), in a fixed order for reductions
+        # Every key `loss` reports, plus the loss itself, in a fixed order for reductions. All are
+        # means over token slots, so micro-batches and replicas (equal slot counts) average
+        # exactly; ratios such as `ce_masked` are derived afterwards by `summarize`.
         self.metric_names = tuple(
             dict.fromkeys(
-                ["loss", self.metric_name, "nelbo_per_token_slot", "ce_masked", "masked_fraction"]
+                [
+                    "loss",
+                    self.metric_name,
+                    "nelbo_per_token_slot",
+                    "masked_ce_per_token_slot",
+                    "masked_fraction",
+                ]
             )
         )
 
@@ -111,16 +119,21 @@ class MaskedDiffusion:
         """
         weighted = torch.where(batch.masked, ce * batch.loss_weights, 0.0).sum()
         loss = self._normalize(weighted, batch)
-        n_masked = batch.masked.sum()
+        slots = batch.targets.numel()
         metrics = {
             self.metric_name: loss.detach(),
-            "nelbo_per_token_slot": (weighted / batch.targets.numel()).detach(),
-            "ce_masked": (
-                torch.where(batch.masked, ce, 0.0).sum() / n_masked.clamp(min=1)
-            ).detach(),
-            "masked_fraction": (n_masked / batch.masked.numel()).detach(),
+            "nelbo_per_token_slot": (weighted / slots).detach(),
+            "masked_ce_per_token_slot": (torch.where(batch.masked, ce, 0.0).sum() / slots).detach(),
+            "masked_fraction": (batch.masked.sum() / slots).detach(),
         }
         return loss, metrics
+
+    @staticmethod
+    def summarize(means: dict[str, float]) -> dict[str, float]:
+        """Add ratios to averaged metrics: `ce_masked`, the mean CE per masked token."""
+        out = dict(means)
+        out["ce_masked"] = means["masked_ce_per_token_slot"] / max(means["masked_fraction"], 1e-12)
+        return out
 
 
 OBJECTIVES = {"masked": MaskedDiffusion}

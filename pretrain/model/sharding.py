@@ -98,6 +98,20 @@ def init_value(name: str, shape: tuple[int, ...], *, seed: int, std: float, num_
     return torch.randn(shape, generator=_generator(seed, name)) * std
 
 
+def mark_tensor_parallel(named_params) -> None:
+    """Set Megatron's tensor-parallel attributes on every parameter from its shard spec.
+
+    Megatron sets them inside its own initialisation, which we switch off. DeepSpeed reads them
+    (`tensor_model_parallel`) to count a TP-split parameter's gradient on every TP rank but a
+    replicated one only once in the global gradient norm; without them clipping is wrong.
+    """
+    for name, param in named_params:
+        spec = shard_spec(name)
+        param.tensor_model_parallel = spec.dim is not None
+        param.partition_dim = spec.dim if spec.dim is not None else -1
+        param.partition_stride = 1
+
+
 @torch.no_grad()
 def initialize(
     named_params, *, seed: int, std: float, num_layers: int, tp_rank: int, tp_size: int

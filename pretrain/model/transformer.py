@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
 from pretrain.model.layers import RMSNorm, RotaryEmbedding, transformer_layer_spec
-from pretrain.model.sharding import initialize
+from pretrain.model.sharding import initialize, mark_tensor_parallel
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -216,6 +216,7 @@ def build_model(
         model, params_dtype=params_dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp
     )
     net = DLMTransformer(model, config, vocab_size=vocab_size, excluded_token_ids=(mask_token_id,))
+    mark_tensor_parallel(net.named_parameters())
     initialize(
         net.named_parameters(),
         seed=seed,

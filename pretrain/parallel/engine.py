@@ -20,7 +20,7 @@ import torch
 
 from pretrain.config import Config
 from pretrain.diffusion.objective import DiffusionBatch
-from pretrain.model.sharding import initialize
+from pretrain.model.sharding import initialize, mark_tensor_parallel
 from pretrain.model.transformer import DLMTransformer, megatron_config, padded_vocab_size
 from pretrain.parallel.pipeline import (
     PipelineLoss,
@@ -216,6 +216,7 @@ def build_engine(
         named = [
             (canonical_pipe_name(n, cfg.model.num_layers), p) for n, p in module.named_parameters()
         ]
+    mark_tensor_parallel(named)
     if load_weights is not None:
         load_weights(named)
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrain.config import Config
+from pretrain.config import Config, ModelConfig
 from pretrain.errors import ConfigError
 
 
@@ -39,11 +39,12 @@ class Topology:
                 f"parallel.pipeline_parallel ({pp})"
             )
         topo = cls(tp=tp, pp=pp, dp=world_size // (tp * pp))
-        topo.validate(cfg)
+        topo.validate(cfg.model, zero_stage=cfg.parallel.zero_stage)
         return topo
 
-    def validate(self, cfg: Config) -> None:
-        m, tp, pp = cfg.model, self.tp, self.pp
+    def validate(self, m: ModelConfig, *, zero_stage: int) -> None:
+        """The layout must split the model evenly and be one DeepSpeed supports."""
+        tp, pp = self.tp, self.pp
         checks = [
             (m.num_attention_heads % tp, f"model.num_attention_heads ({m.num_attention_heads})"),
             (
@@ -63,9 +64,9 @@ class Topology:
             raise ConfigError(
                 f"model.num_layers ({m.num_layers}) must be >= parallel.pipeline_parallel ({pp})"
             )
-        if pp > 1 and cfg.parallel.zero_stage > 1:
+        if pp > 1 and zero_stage > 1:
             raise ConfigError(
-                f"parallel.zero_stage {cfg.parallel.zero_stage} cannot be combined with pipeline "
+                f"parallel.zero_stage {zero_stage} cannot be combined with pipeline "
                 "parallelism (DeepSpeed's pipeline engine supports ZeRO stages 0 and 1)"
             )
 
