@@ -2,10 +2,11 @@
 
     python -m torch.distributed.run --nproc_per_node N tests/distributed_worker.py SPEC OUT
 
-SPEC is a JSON list of runs, each {"overrides": [...], "stop_at": int|null, "crash_at_save": int
-|null}; OUT receives, from rank 0, each run's per-step losses and evaluations. `crash_at_save`
-kills this process (os._exit, as a preemption or OOM kill would) while sealing the checkpoint of
-that step, after every rank has written its shard: the launcher then tears the job down.
+SPEC is a JSON list of runs, each {"overrides": [...], "stop_at": int|null, "crash_at_save":
+int|null, "cpu_sequence_parallel": bool}; OUT receives, from rank 0, each run's per-step losses
+and evaluations. `crash_at_save` kills this process (os._exit, as a preemption or OOM kill
+would) while sealing the checkpoint of that step, after every rank has written its shard: the
+launcher then tears the job down.
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ def main(spec_path: str, out_path: str) -> None:
     from pretrain.config import load_config
     from pretrain.trainer import train
 
+    runs = json.loads(Path(spec_path).read_text())
+    if any(run.get("cpu_sequence_parallel") for run in runs):
+        # Megatron-core allocates its sequence-parallel gather/scatter buffers on
+        # torch.cuda.current_device(); on a CPU-only test machine point those allocations at the
+        # CPU. Only the buffers' device changes: every collective still runs for real (gloo).
+        import torch
+
+        torch.cuda.current_device = lambda: torch.device("cpu")
     results = []
-    for run in json.loads(Path(spec_path).read_text()):
+    for run in runs:
         crash_at = run.get("crash_at_save")
         if crash_at is not None:
             real_seal = manager.seal

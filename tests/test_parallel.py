@@ -142,21 +142,29 @@ def test_resume_after_data_parallel_size_change(reference, dp2, demo_data):
     assert_losses_close(losses(resumed), {s: losses(reference[8])[s] for s in (4, 5, 6)})
 
 
+SP = {"parallel.tensor_parallel": 2, "parallel.sequence_parallel": True}
+
+
 @pytest.mark.parametrize(
     "layout",
-    [{"parallel.tensor_parallel": 2}, {"parallel.pipeline_parallel": 2}],
-    ids=["tp2", "pp2"],
+    [{"parallel.tensor_parallel": 2}, {"parallel.pipeline_parallel": 2}, SP],
+    ids=["tp2", "pp2", "tp2-sequence-parallel"],
 )
 def test_model_parallel_matches_single_process(reference, demo_data, tmp_path, layout):
-    (result,) = launch(2, [{"overrides": overrides(demo_data, tmp_path, "mp", **layout)}], tmp_path)
+    run = {
+        "overrides": overrides(demo_data, tmp_path, "mp", **layout),
+        "cpu_sequence_parallel": "parallel.sequence_parallel" in layout,
+    }
+    (result,) = launch(2, [run], tmp_path)
     assert_losses_close(losses(result), losses(reference[4]))
     assert_params_close(Path(result["checkpoint"]), reference[4].checkpoint)
 
 
 def test_tp2_pp2_matches_and_converts_both_ways(reference, demo_data, tmp_path):
-    """4 processes, TP=2 x PP=2 (ZeRO-1): equal to one process; its mid-run checkpoint converted
-    to TP1 x PP1 continues in one process as the single-process run does; and a single-process
-    checkpoint converted to TP2 x PP2 continues in 4 processes the same way."""
+    """4 processes, TP=2 x PP=2 (ZeRO-1), with and without sequence parallelism: equal to one
+    process; its mid-run checkpoint converted to TP1 x PP1 continues in one process as the
+    single-process run does; and a single-process checkpoint converted to TP2 x PP2 continues in
+    4 processes the same way."""
     layout = {"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2}
     single_half = reference["out"] / "single4" / "checkpoints" / "step_00000003"
     verify_checkpoint(single_half)
@@ -166,12 +174,17 @@ def test_tp2_pp2_matches_and_converts_both_ways(reference, demo_data, tmp_path):
         [
             {"overrides": overrides(demo_data, tmp_path, "tp2pp2", **layout)},
             {"overrides": overrides(demo_data, tmp_path, "from-single", **layout)},
+            {
+                "overrides": overrides(demo_data, tmp_path, "tp2pp2-sp", **{**layout, **SP}),
+                "cpu_sequence_parallel": True,
+            },
         ],
         tmp_path / "job",
     )
-    straight, from_single = results
+    straight, from_single, sequence_parallel = results
     want = losses(reference[4])
     assert_losses_close(losses(straight), want)
+    assert_losses_close(losses(sequence_parallel), want)
     assert_params_close(Path(straight["checkpoint"]), reference[4].checkpoint)
     assert_losses_close(losses(from_single), {s: want[s] for s in (4, 5, 6)})
 

@@ -168,11 +168,15 @@ class ParallelConfig:
     """Pipeline-parallel stages (DeepSpeed pipeline engine)."""
     zero_stage: Literal[0, 1, 2, 3] = 1
     """DeepSpeed ZeRO stage for the data-parallel optimizer state/gradient/parameter sharding."""
+    sequence_parallel: bool = False
+    """Split norms/residual activations along the sequence across TP ranks (needs TP > 1)."""
 
     def validate(self) -> None:
         for key in ("tensor_parallel", "pipeline_parallel"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"parallel.{key} must be positive, got {getattr(self, key)}")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
 
 
 @dataclass(kw_only=True)
@@ -212,6 +216,11 @@ class Config:
             raise ConfigError(
                 f"model.num_attention_heads ({self.model.num_attention_heads}) must be divisible "
                 f"by parallel.tensor_parallel ({tp})"
+            )
+        if self.parallel.sequence_parallel and self.data.seq_len % tp:
+            raise ConfigError(
+                f"data.seq_len ({self.data.seq_len}) must be divisible by parallel.tensor_parallel "
+                f"({tp}) with parallel.sequence_parallel"
             )
         if self.model.make_vocab_size_divisible_by % tp:
             raise ConfigError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -27,20 +28,25 @@ class RMSNorm(torch.nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * g, normalised in fp32 (bf16 sums of squares drift).
 
     Takes Megatron's norm constructor arguments so it can sit in a layer spec. The weight is
-    replicated across tensor-parallel ranks; under sequence parallelism its gradient is a partial
-    sum that must be all-reduced, which the `sequence_parallel` attribute marks (Megatron's
-    convention).
+    replicated across tensor-parallel ranks. Under sequence parallelism each TP rank normalises
+    only its slice of the sequence, so its weight gradient is a partial sum; Megatron leaves that
+    to its own DDP, which we do not use (DeepSpeed does not know about it). Instead the weight
+    enters through `copy_to_tensor_model_parallel_region`: identity forward, all-reduce over the
+    TP group backward, so every TP rank holds the full gradient before DeepSpeed sees it.
     """
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
+        self.sequence_parallel = config.sequence_parallel
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.sequence_parallel:
+            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return normed.to(x.dtype) * self.weight
+        return normed.to(x.dtype) * weight
 
 
 class RotaryEmbedding(torch.nn.Module):

@@ -78,16 +78,23 @@ def megatron_config(
 
 
 class TokenEmbedding(torch.nn.Module):
-    """Vocab-parallel embedding: tokens [b, s] -> hidden [s, b, h] (Megatron's sequence-first)."""
+    """Vocab-parallel embedding: tokens [b, s] -> hidden [s, b, h] (Megatron's sequence-first).
+
+    With sequence parallelism each TP rank keeps its slice of the sequence: [s / tp, b, h].
+    """
 
     def __init__(self, config: TransformerConfig, padded_vocab: int):
         super().__init__()
+        self.sequence_parallel = config.sequence_parallel
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             padded_vocab, config.hidden_size, init_method=config.init_method, config=config
         )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.word_embeddings(tokens).transpose(0, 1).contiguous()
+        hidden = self.word_embeddings(tokens).transpose(0, 1).contiguous()
+        if self.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+        return hidden
 
 
 class OutputHead(torch.nn.Module):

@@ -43,6 +43,12 @@ def deepspeed_config(cfg: Config, rt: Runtime) -> dict:
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": rt.dtype == torch.bfloat16},
         "zero_allow_untested_optimizer": True,
+        # DeepSpeed's pipeline splits activations across TP ranks before sending them, assuming
+        # they are identical on every TP rank; under sequence parallelism each holds its own slice.
+        "pipeline": {
+            "pipe_partitioned": not cfg.parallel.sequence_parallel,
+            "grad_partitioned": not cfg.parallel.sequence_parallel,
+        },
         "steps_per_print": 2**62,  # we log ourselves
         "wall_clock_breakdown": False,
         "dump_state": False,
@@ -196,6 +202,7 @@ def build_engine(
         params_dtype=rt.dtype,
         tensor_parallel_size=rt.tp,
         pipeline_parallel_size=rt.pp,
+        sequence_parallel=cfg.parallel.sequence_parallel,
     )
     if rt.pp == 1:
         module = DLMTransformer(

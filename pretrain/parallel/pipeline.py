@@ -43,9 +43,12 @@ class TransformerLayerPipe(torch.nn.Module):
         )
         self.rotary = RotaryEmbedding(config.kv_channels, model.rope_base)
         self.recompute = model.activation_checkpointing
+        self.tp = config.tensor_model_parallel_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        rope = self.rotary(hidden.shape[0])
+        # Under sequence parallelism a stage receives [s / tp, b, h]; attention sees all s.
+        seq = hidden.shape[0] * (self.tp if self.layer.config.sequence_parallel else 1)
+        rope = self.rotary(seq)
         return run_layer(self.layer, hidden, None, rope, self.recompute and self.training)
 
 
