@@ -82,7 +82,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     say(
         f"[dlm] {cfg.run.name}: {params / 1e6:.2f}M params on rank 0, "
         f"{rt.world_size} process(es) (tp={rt.tp} pp={rt.pp} dp={rt.dp}), {rt.device}, "
-        f"{str(rt.dtype).removeprefix('torch.')}, "
+        f"{'bf16 autocast' if rt.autocast else str(rt.dtype).removeprefix('torch.')}, "
         + (f"resumed at step {start} from {resume_from}" if reader else "fresh start")
     )
 

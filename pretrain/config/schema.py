@@ -48,6 +48,8 @@ class ModelConfig:
     """The embedding/output vocab is padded to a multiple of this (must be divisible by TP)."""
     activation_checkpointing: bool = False
     """Recompute each transformer layer in the backward pass to save activation memory."""
+    compile: bool = False
+    """torch.compile each transformer layer (GPU; the first steps pay the compilation)."""
 
     def validate(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -110,8 +112,9 @@ class TrainConfig:
     """Seeds the model init, the data order and the diffusion corruption."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` uses CUDA when available."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """`auto` is bf16 on CUDA and fp32 on CPU."""
+    precision: Literal["auto", "fp32", "bf16", "bf16-autocast"] = "auto"
+    """`bf16`: bf16 weights + fp32 master copy in the optimizer; `bf16-autocast`: fp32 weights,
+    bf16 compute (torch.autocast); `auto` is bf16 on CUDA and fp32 on CPU."""
     log_interval: int = 10
     """Steps between metric logs (console and MLflow)."""
     eval_interval: int = 100
@@ -170,6 +173,10 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage for the data-parallel optimizer state/gradient/parameter sharding."""
     sequence_parallel: bool = False
     """Split norms/residual activations along the sequence across TP ranks (needs TP > 1)."""
+    overlap_comm: bool = False
+    """On GPU, overlap ZeRO's gradient reduction with backward (slower on one H100: bench/)."""
+    bucket_size: int = 500_000_000
+    """Elements per ZeRO gradient-reduction / parameter all-gather bucket."""
 
     def validate(self) -> None:
         for key in ("tensor_parallel", "pipeline_parallel"):

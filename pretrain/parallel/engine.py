@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from pretrain.config import Config
 from pretrain.diffusion.objective import DiffusionBatch
@@ -40,8 +41,20 @@ def deepspeed_config(cfg: Config, rt: Runtime) -> dict:
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": rt.dtype == torch.bfloat16},
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            # Overlap needs side streams: only where there is a GPU to overlap on.
+            "overlap_comm": cfg.parallel.overlap_comm and rt.device.type == "cuda",
+            "contiguous_gradients": True,
+            "reduce_bucket_size": cfg.parallel.bucket_size,
+            "allgather_bucket_size": cfg.parallel.bucket_size,
+        },
+        "bf16": {
+            "enabled": rt.dtype == torch.bfloat16,
+            # ZeRO-0's bf16 optimizer: fold each gradient into its fp32 copy as it is produced
+            "immediate_grad_update": True,
+        },
+        "torch_autocast": {"enabled": rt.autocast, "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,
         # DeepSpeed's pipeline splits activations across TP ranks before sending them, assuming
         # they are identical on every TP rank; under sequence parallelism each holds its own slice.
@@ -236,6 +249,12 @@ def build_engine(
             tp_size=rt.tp,
         )
     module.to(rt.device)
+    if cfg.model.compile:
+        # Layer by layer: one compiled graph serves every layer of the same shape, and the
+        # embedding/head (vocab-parallel collectives) stay eager.
+        for layer in module.modules():
+            if isinstance(layer, TransformerLayer):
+                layer.compile()
     optimizer = build_optimizer(module, cfg, rt)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

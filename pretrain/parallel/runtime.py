@@ -27,6 +27,9 @@ class Runtime:
     local_rank: int
     device: torch.device
     dtype: torch.dtype
+    """Dtype of the model's parameters."""
+    autocast: bool
+    """Compute in bf16 under torch.autocast while parameters stay fp32."""
     topology: Topology
     dp_rank: int
 
@@ -70,11 +73,15 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+def resolve_precision(cfg: Config, device: torch.device) -> str:
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    if precision == "bf16-autocast" and device.type != "cuda":
+        # Megatron-core's linear layers declare their autocast behaviour for CUDA only; on CPU
+        # their backward mixes bf16 and fp32 operands.
+        raise ConfigError("train.precision 'bf16-autocast' needs a CUDA device")
+    return precision
 
 
 def init_runtime(cfg: Config) -> Runtime:
@@ -105,6 +112,7 @@ def init_runtime(cfg: Config) -> Runtime:
     ) != (tp, pp):
         # DeepSpeed caches process groups per process, so a layout cannot change in-process.
         raise RuntimeError("this process already runs another parallel layout; start a new one")
+    precision = resolve_precision(cfg, device)
     rank = dist.get_rank()
     # Megatron's groups and our topology must agree on where this rank sits.
     pp_rank, dp_rank, tp_rank = topology.coordinates(rank)
@@ -118,7 +126,8 @@ def init_runtime(cfg: Config) -> Runtime:
         world_size=topology.world_size,
         local_rank=int(os.environ["LOCAL_RANK"]),
         device=device,
-        dtype=resolve_dtype(cfg, device),
+        dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        autocast=precision == "bf16-autocast",
         topology=topology,
         dp_rank=dp_rank,
     )
