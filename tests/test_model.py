@@ -138,3 +138,32 @@ def test_mask_refused_by_backend_without_mask_support(runtime, model):
     q = torch.randn(4, 1, 4, 16)
     object.__setattr__(core, "backend", get_attention_backend("sdpa"))
     assert core(q, q, q, None).shape == (4, 1, 64)
+
+
+def test_sparse_output_head_equals_full_head_at_loss_positions(runtime, monkeypatch):
+    """The output layer run on masked rows only, in chunks recomputed in backward, gives the same
+    CE there (0 elsewhere) and the same gradients as the full head."""
+    import pretrain.model.transformer as transformer
+
+    # 4 rows of fp32 logits per chunk (padded vocab 384): many chunks, a ragged last one
+    monkeypatch.setattr(transformer, "CE_CHUNK_BYTES", 4 * 384 * 4)
+    tokens = torch.randint(0, VOCAB - 1, (3, 17), generator=torch.Generator().manual_seed(0))
+    positions = torch.rand(3, 17, generator=torch.Generator().manual_seed(1)) < 0.4
+    weights = torch.rand(3, 17, generator=torch.Generator().manual_seed(2))
+    results = []
+    for sparse in (False, True):
+        m = build_model(small(), vocab_size=VOCAB, mask_token_id=MASK, seed=3)
+        ce = m(tokens, targets=tokens, loss_positions=positions if sparse else None)
+        ce = torch.where(positions, ce, 0.0)
+        (ce * weights).sum().backward()
+        results.append((ce.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (ce_full, g_full), (ce_sparse, g_sparse) = results
+    assert positions.sum() > 8
+    torch.testing.assert_close(ce_sparse, ce_full, rtol=1e-5, atol=1e-6)
+    for name, grad in g_full.items():
+        torch.testing.assert_close(g_sparse[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation takes the same path without recomputation
+        ce_eval = build_model(small(), vocab_size=VOCAB, mask_token_id=MASK, seed=3)(
+            tokens, targets=tokens, loss_positions=positions
+        )
+    torch.testing.assert_close(ce_eval, ce_full, rtol=1e-5, atol=1e-6)

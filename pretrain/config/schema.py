@@ -50,6 +50,14 @@ class ModelConfig:
     """Recompute each transformer layer in the backward pass to save activation memory."""
     compile: bool = False
     """torch.compile each transformer layer (GPU; the first steps pay the compilation)."""
+    sparse_output: bool = True
+    """Run the output layer and cross-entropy only where the loss needs them (masked tokens),
+    in memory-bounded chunks. Not with sequence or pipeline parallelism (full head there)."""
+    sdpa_backends: list[Literal["cudnn", "flash", "efficient", "math"]] = field(
+        default_factory=lambda: ["cudnn", "flash", "efficient", "math"]
+    )
+    """Priority order of PyTorch's fused attention kernels for the `sdpa` backend on GPU
+    (`cudnn`, `flash`, `efficient`, `math`); the first one that supports the inputs runs."""
 
     def validate(self) -> None:
         if self.hidden_size % self.num_attention_heads:

@@ -24,6 +24,9 @@ from pretrain.config import ModelConfig
 from pretrain.model.layers import RMSNorm, RotaryEmbedding, transformer_layer_spec
 from pretrain.model.sharding import initialize, mark_tensor_parallel
 
+CE_CHUNK_BYTES = 1 << 30
+"""Largest fp32 logits chunk the sparse output head materialises at once."""
+
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     """Round up to `multiple`; independent of TP size so every layout has identical weights."""
@@ -142,6 +145,42 @@ class OutputHead(torch.nn.Module):
         ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets.t().contiguous())
         return ce.t()
 
+    def sparse_cross_entropy(
+        self, hidden: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden [s, b, h], targets [b, s], positions bool [b, s] -> CE [b, s], 0 off `positions`.
+
+        The masked-diffusion loss reads the CE only where a token is masked, so the output layer
+        and the softmax run on those n rows alone, in chunks whose fp32 logits stay under
+        `CE_CHUNK_BYTES`. Each chunk is recomputed in the backward pass instead of keeping its
+        logits: the full [s, b, V] fp32 logits (8 GB for 8 x 2048 tokens at LLaDA's 126k vocab)
+        never exist. Needs the whole sequence on this rank (no sequence parallelism).
+        """
+        s, b, h = hidden.shape
+        rows = positions.t().reshape(-1).nonzero().squeeze(1)  # [n] indices into s*b
+        selected = hidden.reshape(s * b, h).index_select(0, rows)  # [n, h]
+        wanted = targets.t().reshape(-1).index_select(0, rows)  # [n]
+        vocab_local = self.excluded.numel()
+        chunk = max(1, CE_CHUNK_BYTES // (4 * vocab_local))
+        pieces = [
+            checkpoint(
+                self._rows_ce, selected[i : i + chunk], wanted[i : i + chunk], use_reentrant=False
+            )
+            if torch.is_grad_enabled()
+            else self._rows_ce(selected[i : i + chunk], wanted[i : i + chunk])
+            for i in range(0, rows.numel(), chunk)
+        ]
+        ce = torch.zeros(s * b, dtype=torch.float32, device=hidden.device)
+        if pieces:
+            ce = ce.index_put((rows,), torch.cat(pieces))
+        return ce.view(s, b).t()
+
+    def _rows_ce(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden [n, h], targets [n] -> CE [n] fp32 (vocab-parallel over TP)."""
+        logits, _ = self.output_layer(self.final_norm(hidden))  # [n, V/tp]
+        logits = logits.masked_fill(self.excluded, float("-inf")).float()
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
+
 
 class DLMTransformer(torch.nn.Module):
     """Bidirectional transformer for masked/hybrid diffusion LMs (LLaDA-style architecture)."""
@@ -173,16 +212,20 @@ class DLMTransformer(torch.nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        loss_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [b, s] -> per-token CE [b, s] if `targets` is given, else logits [b, s, V/tp].
 
         `attention_mask`: None (bidirectional) or bool, broadcastable to [b, heads, s, s], True
-        where attention is allowed.
+        where attention is allowed. `loss_positions` (bool [b, s], with `targets`): compute the
+        CE only there (0 elsewhere), skipping the output layer at every other position.
         """
         hidden = self.embedding(tokens)  # [s, b, h]
         rope = self.rotary(tokens.shape[1])
         for layer in self.layers:
             hidden = self._run_layer(layer, hidden, attention_mask, rope)
+        if targets is not None and loss_positions is not None:
+            return self.head.sparse_cross_entropy(hidden, targets, loss_positions)
         logits = self.head(hidden)  # [s, b, V/tp]
         if targets is not None:
             return OutputHead.cross_entropy(logits, targets)

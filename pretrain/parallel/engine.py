@@ -13,6 +13,7 @@ variants need compiled ops, and a torch optimizer keeps CPU and GPU runs identic
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -95,13 +96,44 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, rt: Runtime) -> torch.
     )
 
 
+SDPA_BACKENDS = {
+    "cudnn": "CUDNN_ATTENTION",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+
+
+def attention_kernels(cfg: Config, rt: Runtime) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context (entered around each forward) that ranks PyTorch's fused attention kernels as
+    `model.sdpa_backends` says. The backward of an SDPA call uses the kernel its forward chose.
+    CPU runs have one kernel family, so nothing is ranked there."""
+    if rt.device.type != "cuda":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [getattr(SDPBackend, SDPA_BACKENDS[name]) for name in cfg.model.sdpa_backends]
+    return lambda: sdpa_kernel(backends, set_priority=True)
+
+
 class Engine:
     """What the trainer needs from an engine, whatever the layout."""
 
-    def __init__(self, ds, objective, rt: Runtime):
+    def __init__(
+        self,
+        ds,
+        objective,
+        rt: Runtime,
+        *,
+        kernels: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        sparse_output: bool = False,
+    ):
         self.ds = ds
         self.objective = objective
         self.rt = rt
+        self.kernels = kernels
+        self.sparse_output = sparse_output
+        """CE only at the batch's masked positions (the objective reads it nowhere else)."""
 
     @property
     def owns_metrics(self) -> bool:
@@ -151,7 +183,13 @@ class DataParallelEngine(Engine):
         return list(self.ds.module.named_parameters())
 
     def _forward(self, batch: DiffusionBatch):
-        ce = self.ds(batch.inputs, targets=batch.targets, attention_mask=batch.attention_mask)
+        with self.kernels():
+            ce = self.ds(
+                batch.inputs,
+                targets=batch.targets,
+                attention_mask=batch.attention_mask,
+                loss_positions=batch.masked if self.sparse_output else None,
+            )
         loss, metrics = self.objective.loss(ce, batch)
         return loss, {"loss": loss.detach(), **metrics}
 
@@ -172,8 +210,8 @@ class DataParallelEngine(Engine):
 
 
 class PipelineParallelEngine(Engine):
-    def __init__(self, ds, objective, rt, loss: PipelineLoss, num_layers: int):
-        super().__init__(ds, objective, rt)
+    def __init__(self, ds, objective, rt, loss: PipelineLoss, num_layers: int, **options):
+        super().__init__(ds, objective, rt, **options)
         self.loss = loss
         self.num_layers = num_layers
 
@@ -185,14 +223,16 @@ class PipelineParallelEngine(Engine):
 
     def train_step(self, batches):
         self.ds.train()
-        self.ds.train_batch(data_iter=pipeline_batches(batches))
+        with self.kernels():
+            self.ds.train_batch(data_iter=pipeline_batches(batches))
         collected = self.loss.pop()
         return _mean(collected) if collected else {}
 
     @torch.no_grad()
     def eval_step(self, batch):
         self.ds.eval()
-        self.ds.eval_batch(pipeline_batches([batch]), num_micro_batches=1)
+        with self.kernels():
+            self.ds.eval_batch(pipeline_batches([batch]), num_micro_batches=1)
         collected = self.loss.pop()
         return _mean(collected) if collected else {}
 
@@ -274,6 +314,10 @@ def build_engine(
         # refuses an mpu next to it; the plain engine takes Megatron's groups through the mpu.
         mpu=MegatronMPU() if rt.pp == 1 else None,
     )
+    kernels = attention_kernels(cfg, rt)
     if rt.pp == 1:
-        return DataParallelEngine(ds, objective, rt)
-    return PipelineParallelEngine(ds, objective, rt, loss, cfg.model.num_layers)
+        # Under sequence parallelism each TP rank holds a slice of the sequence, which the
+        # output layer all-gathers itself: there the head runs on every position.
+        sparse = cfg.model.sparse_output and not cfg.parallel.sequence_parallel
+        return DataParallelEngine(ds, objective, rt, kernels=kernels, sparse_output=sparse)
+    return PipelineParallelEngine(ds, objective, rt, loss, cfg.model.num_layers, kernels=kernels)
