@@ -1,0 +1,1 @@
+"""Samplers: turn a trained diffusion LM into text (iterative unmasking, block decoding)."""
