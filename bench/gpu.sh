@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Run the benchmarks on a bare GPU machine that has CUDA PyTorch but none of our other
+# dependencies and no network: install them from carried wheels, then benchmark.
+#
+#   bash bench/gpu.sh setup                 install WHEELS/*.whl into SITE (no index, no deps)
+#   bash bench/gpu.sh flash-build LOG       build flash-attn from WHEELS/src/*.tar.gz in the
+#                                           background (setsid); progress and timing go to LOG
+#   bash bench/gpu.sh flash-status LOG      one line: elapsed seconds, objects compiled / total
+#   bash bench/gpu.sh bench OUT [ARGS...]   bench/train_step.py with ARGS, JSON lines to OUT
+#
+# Wheels to carry (built or downloaded on a machine with network, Python 3.12):
+#   DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8
+#   pip download --no-deps --python-version 3.12 --only-binary :all: megatron-core==0.16.1 \
+#       pydantic pydantic-core annotated-types typing-inspection hjson webdataset braceexpand
+#   flash-attn sdist (optional): the .tar.gz from PyPI into WHEELS/src/
+set -euo pipefail
+WHEELS=${WHEELS:-.whl}
+SITE=${SITE:-/tmp/site}
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The image's `9.0a` breaks DeepSpeed's JIT op builds; plain 9.0 builds them.
+export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+
+case "${1:-}" in
+setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl
+    python3 -c "import deepspeed, megatron.core, webdataset, torch; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))"
+    ;;
+flash-build)
+    log=$(realpath -m "$2")
+    work=/tmp/flash-build && rm -rf "$work" && mkdir -p "$work"
+    tar -xzf "$WHEELS"/src/flash_attn-*.tar.gz -C "$work" --strip-components 1
+    date +%s >"$log.start"
+    (cd "$work" && FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTN_CUDA_ARCHS=90 \
+        MAX_JOBS=${MAX_JOBS:-8} setsid nohup python3 -m pip wheel -v --no-deps \
+        --no-build-isolation --no-index -w /tmp/flash-wheel . >"$log" 2>&1 &)
+    ;;
+flash-status)
+    log=$(realpath -m "$2")
+    start=$(cat "$log.start")
+    total=$(find /tmp/flash-build/csrc -name '*.cu' 2>/dev/null | wc -l)
+    done_=$(find /tmp/flash-build/build -name '*.o' 2>/dev/null | wc -l)
+    wheel=$(ls /tmp/flash-wheel/*.whl 2>/dev/null || true)
+    echo "flash-attn build: $(($(date +%s) - start)) s, $done_ objects of ~$total sources, wheel: ${wheel:-none}"
+    ;;
+bench)
+    out=$2
+    shift 2
+    python3 bench/train_step.py --out "$out" "$@"
+    ;;
+*)
+    sed -n '2,16p' "$0"
+    exit 2
+    ;;
+esac

@@ -1,0 +1,329 @@
+"""One GPU: our full training step against a plain compiled PyTorch step, measured in one run.
+
+    python bench/train_step.py --config configs/llada-1b.yaml --seq 2048 --micro-batch 8 \
+        --out results.json [--modes ours,ours+compile,reference,check] [--set key=value ...]
+
+Modes (each in its own process, so none inherits another's memory or compile caches):
+  ours           the trainer's step exactly: a batch from the webdataset shards (`TrainData`),
+                 the objective's corruption, the DeepSpeed engine (bf16 weights, fp32 master,
+                 ZeRO from the config), metrics brought to the host as the trainer does
+  ours+compile   the same with `model.compile=true`
+  reference      `bench/reference.py`: fp32 weights, bf16 autocast, logits at every position,
+                 fused AdamW, grad clipping, `torch.compile` of the whole model
+  check          one batch through ours and through the reference loaded with our weights: the
+                 two losses must agree within bf16 tolerance
+Shards are built once (`dlm data build --demo`) under --data unless they exist there.
+
+MFU = tokens/s x FLOPs/token / 989e12 (dense bf16, H100/H200). FLOPs/token = 6 N + 12 L s d
+(DESIGN.md sec. 8, bidirectional attention in full). The reference runs the output layer on every
+position; ours runs it on masked positions only, so for ours N counts the output layer times the
+measured masked fraction (`mfu`), and `mfu_all_positions` credits it as if it ran everywhere, the
+figure comparable with the reference's. A torch.profiler pass splits device time into attention,
+matmuls, loss, optimizer and the rest, and `data_ms` is the host time to fetch and corrupt a batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+PEAK_FLOPS = 989e12
+
+# kernel-name fragments -> category, first match wins (CUDA kernel names of torch 2.11 / cuDNN 9)
+KERNEL_CATEGORIES = [
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "mha")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "unscale")),
+    ("loss", ("cross_entropy", "log_softmax", "logsumexp", "nll_loss", "softmax")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "matmul")),
+]
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(f in low for f in fragments):
+            return category
+    return "other"
+
+
+def profile(step_fn, steps: int = 3) -> dict[str, float]:
+    """Device milliseconds per step by kernel category."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step_fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if us and event.device_type.name == "CUDA":
+            cat = categorize(event.key)
+            totals[cat] = totals.get(cat, 0.0) + us / 1e3 / steps
+    return dict(sorted(totals.items()))
+
+
+def flops_per_token(model, padded_vocab: int, seq: int, head_fraction: float) -> float:
+    d, hd = model.hidden_size, model.hidden_size // model.num_attention_heads
+    groups = model.num_query_groups or model.num_attention_heads
+    per_layer = d * (d + 2 * groups * hd) + d * d + 3 * d * model.ffn_hidden_size
+    n = model.num_layers * per_layer + head_fraction * padded_vocab * d
+    return 6 * n + 12 * model.num_layers * seq * d
+
+
+def config(a, compile_layers: bool):
+    from pretrain.config import load_config
+
+    overrides = [
+        f"data.path={a.data}",
+        f"data.seq_len={a.seq}",
+        f"model.compile={str(compile_layers).lower()}",
+        f"train.micro_batch_size={a.micro_batch}",
+        "train.grad_accum_steps=1",
+        "train.device=cuda",
+        f"train.steps={a.warmup + a.steps + 10}",
+        "train.eval_batches=0",
+        "tracking.enabled=false",
+        *a.set,
+    ]
+    return load_config(a.config, overrides)
+
+
+def build_ours(a, compile_layers: bool):
+    from pretrain.diffusion.corruption import CorruptionKey
+    from pretrain.diffusion.objective import build_objective
+    from pretrain.parallel.engine import build_engine
+    from pretrain.parallel.runtime import init_runtime
+    from pretrain.trainer import TrainData
+
+    cfg = config(a, compile_layers)
+    rt = init_runtime(cfg)
+    data = TrainData(cfg, rt)
+    mask_id = data.manifest.tokenizer.mask_id
+    objective = build_objective(cfg.diffusion, mask_id=mask_id)
+    engine = build_engine(
+        cfg, rt, vocab_size=data.vocab_size, mask_token_id=mask_id, objective=objective
+    )
+    counter = iter(range(10**9))
+
+    def next_batch():
+        key = CorruptionKey(cfg.train.seed, next(counter), 0, rt.dp_rank, 1, rt.dp)
+        return objective.prepare(next(data.stream).to(rt.device), key)
+
+    return cfg, engine, objective, data, next_batch
+
+
+def run_ours(a, compile_layers: bool) -> dict:
+    cfg, engine, _, data, next_batch = build_ours(a, compile_layers)
+    masked = []
+
+    def step():
+        batch = next_batch()
+        metrics = engine.train_step([batch])  # the trainer's call: metrics reach the host
+        masked.append(metrics["masked_fraction"])
+
+    result = measure(step, a)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        next_batch()
+    result["data_ms"] = (time.perf_counter() - t0) / 10 * 1e3
+    fraction = sum(masked) / len(masked) if cfg.model.sparse_output else 1.0
+    padded = engine.ds.module.padded_vocab
+    result["masked_fraction"] = sum(masked) / len(masked)
+    result["flops_per_token"] = flops_per_token(cfg.model, padded, a.seq, fraction)
+    result["flops_per_token_all_positions"] = flops_per_token(cfg.model, padded, a.seq, 1.0)
+    result["params"] = sum(p.numel() for p in engine.ds.module.parameters())
+    return result
+
+
+def run_reference(a) -> dict:
+    from reference import build_reference
+
+    from pretrain.diffusion.corruption import CorruptionKey
+    from pretrain.diffusion.objective import build_objective
+    from pretrain.model.transformer import padded_vocab_size
+    from pretrain.parallel.runtime import init_runtime
+    from pretrain.trainer import TrainData
+
+    cfg = config(a, False)
+    rt = init_runtime(cfg)
+    data = TrainData(cfg, rt)
+    mask_id = data.manifest.tokenizer.mask_id
+    objective = build_objective(cfg.diffusion, mask_id=mask_id)
+    padded = padded_vocab_size(data.vocab_size, cfg.model.make_vocab_size_divisible_by)
+    torch.manual_seed(0)
+    model = build_reference(cfg.model, vocab=data.vocab_size, padded_vocab=padded, mask_id=mask_id)
+    model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    forward = torch.compile(model)
+    counter = iter(range(10**9))
+
+    def step():
+        key = CorruptionKey(cfg.train.seed, next(counter))
+        batch = objective.prepare(next(data.stream).cuda(), key)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(batch.inputs, batch.targets, batch.loss_weights)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # as ours: the loss reaches the host every step
+
+    result = measure(step, a)
+    result["flops_per_token"] = flops_per_token(cfg.model, padded, a.seq, 1.0)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    return result
+
+
+def run_check(a) -> dict:
+    """Same batch and mask through ours (bf16 DeepSpeed engine) and the reference (our weights)."""
+    from reference import build_reference, load_canonical
+
+    cfg, engine, objective, data, next_batch = build_ours(a, False)
+    batch = next_batch()
+    with torch.no_grad():
+        ours = engine.eval_step(batch)["loss"]
+        module = engine.ds.module
+        canonical = {n: p.detach().float() for n, p in engine.canonical_parameters()}
+        ref = build_reference(
+            cfg.model,
+            vocab=data.vocab_size,
+            padded_vocab=module.padded_vocab,
+            mask_id=objective.mask_id,
+        ).cuda()
+        load_canonical(ref, canonical)
+        del canonical
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            reference = ref(batch.inputs, batch.targets, batch.loss_weights).item()
+    return {
+        "loss_ours": ours,
+        "loss_reference": reference,
+        "rel_diff": abs(ours - reference) / abs(reference),
+    }
+
+
+def measure(step_fn, a) -> dict:
+    for _ in range(a.warmup):
+        step_fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step_fn()
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - t0) / a.steps
+    return {
+        "step_ms": elapsed * 1e3,
+        "tokens_per_s": a.micro_batch * a.seq / elapsed,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "device_ms": profile(step_fn) if a.profile else {},
+    }
+
+
+RUNNERS = {
+    "ours": lambda a: run_ours(a, False),
+    "ours+compile": lambda a: run_ours(a, True),
+    "reference": run_reference,
+    "check": run_check,
+}
+
+
+def ensure_data(a) -> None:
+    if (Path(a.data) / "manifest.json").exists():
+        return
+    cmd = [sys.executable, "-m", "launcher.cli", "data", "build", "--demo"]
+    cmd += ["--demo-documents", str(a.documents)]
+    cmd += ["--seq-len", str(a.seq), "--out", a.data]
+    subprocess.run(cmd, check=True)
+
+
+def row(mode: str, r: dict) -> str:
+    if "error" in r:
+        return f"| {mode} | failed: {r['error'][:120]} |"
+    if mode == "check":
+        ours, ref = r["loss_ours"], r["loss_reference"]
+        return f"| check | loss ours {ours:.4f} vs reference {ref:.4f} (rel {r['rel_diff']:.1e}) |"
+    mfu = r["tokens_per_s"] * r["flops_per_token"] / PEAK_FLOPS
+    r["mfu"] = mfu
+    extra = ""
+    if "flops_per_token_all_positions" in r:
+        r["mfu_all_positions"] = r["tokens_per_s"] * r["flops_per_token_all_positions"] / PEAK_FLOPS
+        extra = f" ({100 * r['mfu_all_positions']:.1f}% all-positions)"
+    split = " ".join(f"{k} {v:.0f}" for k, v in r.get("device_ms", {}).items())
+    return (
+        f"| {mode} | {r['tokens_per_s'] / 1e3:.1f}k | {100 * mfu:.1f}%{extra} | "
+        f"{r['step_ms']:.0f} | {r['peak_memory_gib']:.1f} | {split} |"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", default="configs/llada-1b.yaml")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--modes", default="check,reference,ours,ours+compile")
+    p.add_argument(
+        "--set", action="append", default=[], help="config override for ours (key=value)"
+    )
+    p.add_argument("--data", default=None, help="shard directory (built if missing)")
+    p.add_argument("--documents", type=int, default=20000, help="demo documents if building")
+    p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--label", default="", help="name of this configuration in the table")
+    p.add_argument("--out", default=None, help="append results as JSON lines here")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.data = a.data or f"data/bench-demo-{a.seq}"
+    if a.child:
+        try:
+            result = RUNNERS[a.modes](a)
+        except Exception as exc:  # report; the parent goes on with the next mode
+            traceback.print_exc()
+            result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    ensure_data(a)
+    props = torch.cuda.get_device_properties(0)
+    header = (
+        f"{props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, python "
+        f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}: {a.config} seq {a.seq} x "
+        f"micro-batch {a.micro_batch} {' '.join(a.set)} {a.label}"
+    )
+    print(header, flush=True)
+    rows = [
+        "| mode | tokens/s | MFU | step ms | peak GiB | device ms by kind |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode in a.modes.split(","):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--modes", mode, "--child"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        result = json.loads(lines[-1][7:]) if lines else {"error": f"exit {proc.returncode}"}
+        if "error" in result:
+            print(proc.stdout[-1500:], proc.stderr[-3000:], flush=True)
+        rows.append(row(mode, result))
+        print(rows[-1], flush=True)
+        if a.out:
+            record = {"header": header, "mode": mode, "label": a.label, "args": vars(a), **result}
+            with open(a.out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    print("\n".join([header, *rows]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
