@@ -4,6 +4,8 @@
     dlm train CONFIG [key.sub=value ...]              train (resumes the run's latest checkpoint)
     dlm plan CONFIG [--layout TPxPPxDP[:ZERO]] ...    per-GPU memory table for parallel layouts
     dlm ckpt convert CKPT --out DIR --tp T --pp P     re-shard a checkpoint for another layout
+    dlm export CKPT OUT_DIR [--dtype D]               checkpoint -> Hugging Face model directory
+    dlm import HF_DIR OUT_DIR                         HF Llama/Qwen2 causal LM -> our weights
     dlm config show CONFIG [key.sub=value ...]        print the resolved config as YAML
     dlm config docs                                   every config key with default and meaning
 
@@ -95,6 +97,30 @@ def _run_plan(args: argparse.Namespace) -> int:
     return run_plan(args)
 
 
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    from pretrain.hf.export import add_export_arguments
+
+    add_export_arguments(parser)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pretrain.hf.export import run_export
+
+    return run_export(args)
+
+
+def _add_import_arguments(parser: argparse.ArgumentParser) -> None:
+    from pretrain.hf.import_ar import add_import_arguments
+
+    add_import_arguments(parser)
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from pretrain.hf.import_ar import run_import
+
+    return run_import(args)
+
+
 COMMANDS: dict[tuple[str, ...], Command] = {
     ("data", "build"): (
         "tokenize text/jsonl files (or the built-in demo corpus) into webdataset shards",
@@ -115,6 +141,16 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "re-shard a checkpoint for another tensor/pipeline layout (or consolidate: --tp 1 --pp 1)",
         _add_convert_arguments,
         _run_convert,
+    ),
+    ("export",): (
+        "write a checkpoint as a Hugging Face model directory (AutoModelForMaskedLM)",
+        _add_export_arguments,
+        _run_export,
+    ),
+    ("import",): (
+        "initialise our model from a Hugging Face Llama/Qwen2 causal LM (weights-only checkpoint)",
+        _add_import_arguments,
+        _run_import,
     ),
     ("config", "show"): ("print the resolved config as YAML", _config_arguments, _run_config_show),
     ("config", "docs"): (

@@ -1,0 +1,237 @@
+"""`dlm export CKPT OUT_DIR`: a training checkpoint -> a Hugging Face model directory.
+
+    OUT_DIR/config.json                 DLMConfig, `auto_map` -> the modeling code below
+    OUT_DIR/configuration_dlm.py        self-contained (torch + transformers only)
+    OUT_DIR/modeling_dlm.py             DLMModel, DLMForMaskedLM (SDPA, gradient checkpointing)
+    OUT_DIR/model.safetensors           or model-0000i-of-0000n.safetensors + index above a size
+    OUT_DIR/generation_config.json      mask/eos ids and diffusion sampling defaults
+    OUT_DIR/tokenizer.json, tokenizer_config.json, ...   the training tokenizer, mask token set
+    OUT_DIR/README.md                   model card: architecture, training config, final metrics
+
+The directory is staged in `OUT_DIR.partial` and renamed when complete. When the run was tracked,
+the directory is logged as an artifact of its MLflow run and registered as a model version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pretrain.errors import ConfigError
+from pretrain.hf.mapping import Shape, to_hf
+from pretrain.hf.model_card import final_metrics, write_model_card
+from pretrain.hf.source import TrainedModel, read_checkpoint
+
+HERE = Path(__file__).resolve().parent
+MODELING_FILES = ("configuration_dlm.py", "modeling_dlm.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_dlm.DLMConfig",
+    "AutoModel": "modeling_dlm.DLMModel",
+    "AutoModelForMaskedLM": "modeling_dlm.DLMForMaskedLM",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2KiB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"--max-shard-size: cannot read '{text}' (expected e.g. 5GB, 500MB)")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3}[unit[0]]
+    return int(float(m.group(1)) * base**power)
+
+
+def hf_config(model: TrainedModel, dtype: str) -> dict:
+    """The keyword arguments of the exported DLMConfig."""
+    m = model.config.model
+    return {
+        "vocab_size": model.padded_vocab,
+        "prediction_vocab_size": model.vocab_size,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_base,
+        "max_position_embeddings": model.config.data.seq_len,
+        "initializer_range": m.init_std,
+        "mask_token_id": model.tokenizer.mask_id,
+        "eos_token_id": model.tokenizer.eos_id,
+        "architectures": ["DLMForMaskedLM"],
+        "auto_map": AUTO_MAP,
+        "dtype": dtype,
+    }
+
+
+def hf_state_dict(model: TrainedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    m = model.config.model
+    shape = Shape(
+        num_layers=m.num_layers,
+        num_heads=m.num_attention_heads,
+        num_groups=m.num_query_groups or m.num_attention_heads,
+        head_dim=m.hidden_size // m.num_attention_heads,
+    )
+    return {name: t.to(dtype) for name, t in to_hf(model.state, shape).items()}
+
+
+def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> list[str]:
+    """One `model.safetensors`, or shards of at most `max_shard_bytes` (a larger tensor gets a
+    shard of its own) plus the index that `from_pretrained` follows. Returns the files."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
+        return [WEIGHTS]
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for file, tensors in zip(files, shards, strict=True):
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [*files, INDEX]
+
+
+def write_tokenizer(model: TrainedModel, out: Path) -> None:
+    """The training tokenizer as a `PreTrainedTokenizerFast` with its mask and eos tokens set."""
+    from transformers import PreTrainedTokenizerFast
+
+    from data_pipeline.tokenizer import load_tokenizer
+
+    rec = model.tokenizer
+    if not rec.mask_token:
+        print("[dlm] no tokenizer recorded (imported without one): tokenizer files not written")
+        return
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=load_tokenizer(rec.file),
+        mask_token=rec.mask_token,
+        eos_token=rec.eos_token,
+        model_max_length=model.config.data.seq_len,
+    )
+    tok.save_pretrained(str(out))
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    dtype: str = "float32",
+    max_shard_size: str | int = "5GB",
+    register: bool = True,
+    registered_name: str | None = None,
+) -> Path:
+    """Write the Hugging Face directory of `checkpoint` to `out_dir`; returns `out_dir`."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+    max_bytes = parse_size(max_shard_size)
+    model = read_checkpoint(checkpoint, data_dir=data_dir)
+    from pretrain.hf.configuration_dlm import DLMConfig
+
+    out = Path(out_dir)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    config = DLMConfig(**hf_config(model, dtype))
+    config.save_pretrained(str(staging))
+    for name in MODELING_FILES:
+        shutil.copy2(HERE / name, staging / name)
+    write_weights(hf_state_dict(model, DTYPES[dtype]), staging, max_bytes)
+    generation = {
+        "mask_token_id": model.tokenizer.mask_id,
+        "eos_token_id": model.tokenizer.eos_id,
+        "max_new_tokens": 64,
+        "steps": 64,
+        "block_length": 32,
+        "temperature": 0.0,
+        "remasking": "low_confidence",
+    }
+    (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_tokenizer(model, staging)
+    tracking = tracking_client(model)
+    metrics = final_metrics(tracking, model.run_id)
+    write_model_card(staging, model, metrics, hf_config(model, dtype))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    if register and tracking is not None and model.run_id:
+        from pretrain.hf.registry import register_export
+
+        version = register_export(
+            tracking, model.run_id, out, registered_name or model.config.run.name
+        )
+        print(f"[dlm] registered {version.name} version {version.version} ({version.source})")
+    return out
+
+
+def tracking_client(model: TrainedModel):
+    """The MLflow client of the run's tracking store, or None when the run was not tracked."""
+    if not model.config.tracking.enabled or not model.run_id:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.tracking.mlflow_tracker import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(model.config.tracking.uri, model.config.run.output_dir)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a complete checkpoint directory (step_XXXXXXXX)")
+    parser.add_argument("out_dir", help="Hugging Face model directory to write")
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        help="dataset directory with the tokenizer and manifest (default: the config's data.path)",
+    )
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="split the weights into files of at most this size (default 5GB)",
+    )
+    parser.add_argument(
+        "--no-register",
+        action="store_true",
+        help="do not log/register the export in the run's MLflow store",
+    )
+    parser.add_argument(
+        "--registered-name", help="MLflow registered model name (default: run name)"
+    )
+
+
+def run_export(args: argparse.Namespace) -> int:
+    out = export_checkpoint(
+        args.checkpoint,
+        args.out_dir,
+        data_dir=args.data,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        register=not args.no_register,
+        registered_name=args.registered_name,
+    )
+    print(
+        f"wrote {out} (load with AutoModelForMaskedLM.from_pretrained(..., trust_remote_code=True))"
+    )
+    return 0

@@ -1,0 +1,249 @@
+"""`dlm import HF_DIR OUT_DIR`: a Hugging Face Llama/Qwen2-style causal LM -> our model's weights.
+
+For AR -> DLM adaptation: the causal LM's transformer is our architecture (pre-norm RMSNorm,
+SwiGLU, RoPE, grouped KV heads, no biases), so its weights map one to one (`pretrain.hf.mapping`):
+run with a causal attention mask, our model reproduces the causal LM's logits. What changes:
+
+- the vocabulary gains the mask token (`<mask>`, a special token of the tokenizer, or the next
+  free id): its input embedding starts as the mean embedding, its output row is zero (its logit is
+  -inf anyway); the vocabulary is padded to `model.make_vocab_size_divisible_by` with zero rows;
+- tied input/output embeddings become two tensors (our model has a separate output layer);
+- q/k/v biases (Qwen2) are dropped when they are all zero and refused otherwise: our linears have
+  no biases, and silently dropping non-zero ones would change the model.
+
+The result is a weights-only checkpoint in our format (no optimizer state), sealed like any
+checkpoint: `OUT_DIR/{config.yaml, shards/, common.pt, tokenizer.json, COMPLETE.json}`. It loads
+with `CheckpointReader` + `load_weights` in any tensor-parallel layout, and exports back with
+`dlm export OUT_DIR HF_OUT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from pretrain.checkpoint.format import COMMON, write_rank_shard
+from pretrain.checkpoint.manager import seal
+from pretrain.config import to_yaml
+from pretrain.config.schema import Config, ModelConfig
+from pretrain.errors import CheckpointError
+from pretrain.hf.mapping import Shape, from_hf
+from pretrain.hf.source import TokenizerRecord
+from pretrain.model.transformer import padded_vocab_size
+
+MASK_TOKEN = "<mask>"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a supported `model_type` may have beyond the Llama core, and how to check it."""
+
+    check: Callable[[dict, Path], None]
+
+
+def _check_llama(cfg: dict, where: Path) -> None:
+    if cfg.get("mlp_bias"):
+        raise CheckpointError(f"{where}: mlp_bias is true; our SwiGLU MLP has no biases")
+
+
+def _check_qwen2(cfg: dict, where: Path) -> None:
+    if cfg.get("use_sliding_window"):
+        raise CheckpointError(
+            f"{where}: use_sliding_window is true; our attention is full (no sliding window)"
+        )
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture(check=_check_llama),
+    "qwen2": Architecture(check=_check_qwen2),
+}
+
+
+def _rope(cfg: dict, where: Path) -> float:
+    """rope_theta from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x)."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type not in (None, "default"):
+        raise CheckpointError(
+            f"{where}: RoPE scaling '{rope_type}' is not supported; expected default RoPE "
+            "(plain theta)"
+        )
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    if theta is None:
+        raise CheckpointError(f"{where}: no rope_theta (expected in rope_parameters or top level)")
+    return float(theta)
+
+
+def model_config(cfg: dict, where: Path, vocab_size: int) -> ModelConfig:
+    """Our ModelConfig for a Llama-style `config.json` (vocab including the mask token)."""
+    model_type = cfg.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{where}: model_type '{model_type}' ({', '.join(cfg.get('architectures') or [])}) is "
+            f"not supported; expected one of {', '.join(ARCHITECTURES)} (Llama-style causal LMs)"
+        )
+    ARCHITECTURES[model_type].check(cfg, where)
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act '{cfg['hidden_act']}', expected silu (SwiGLU)")
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("head_dim") not in (None, hidden // heads):
+        raise CheckpointError(
+            f"{where}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads "
+            f"({hidden // heads}); our attention needs that head size"
+        )
+    model = ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_layers=cfg["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_query_groups=cfg.get("num_key_value_heads") or heads,
+        ffn_hidden_size=cfg["intermediate_size"],
+        rope_base=_rope(cfg, where),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        init_std=float(cfg.get("initializer_range", 0.02)),
+    )
+    model.validate()
+    return model
+
+
+def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of `model.safetensors` or of the shards its index lists."""
+    index = hf_dir / "model.safetensors.index.json"
+    if (hf_dir / "model.safetensors").is_file():
+        files = [hf_dir / "model.safetensors"]
+    elif index.is_file():
+        files = [
+            hf_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        ]
+    else:
+        raise CheckpointError(
+            f"{hf_dir}: no model.safetensors or model.safetensors.index.json "
+            "(save the model with save_pretrained(..., safe_serialization=True))"
+        )
+    state = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: weight shard listed in {index.name} is missing")
+        with safe_open(str(file), framework="pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 - not a dict
+    return state
+
+
+def drop_zero_biases(state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    for name in [n for n in state if n.endswith(".bias")]:
+        if state[name].abs().max() > 0:
+            raise CheckpointError(
+                f"{where}: '{name}' is a non-zero bias; our model has no linear biases "
+                "(Qwen2-style q/k/v biases cannot be represented; all-zero biases are dropped)"
+            )
+        del state[name]
+    return state
+
+
+def prepare_tokenizer(hf_dir: Path, cfg: dict, vocab: int):
+    """(tokenizer or None, mask id, eos token, eos id): the mask token added as a special token."""
+    eos_id = cfg.get("eos_token_id")
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    if not (hf_dir / "tokenizer.json").is_file():
+        return None, vocab, None, eos_id  # no tokenizer: the mask token takes the next id
+    from data_pipeline.tokenizer import load_tokenizer, prepare_special_tokens
+
+    tok = load_tokenizer(hf_dir / "tokenizer.json")
+    eos = tok.id_to_token(eos_id) if eos_id is not None else None
+    special = prepare_special_tokens(tok, mask_token=MASK_TOKEN, eos_token=eos)
+    return tok, special.mask_id, special.eos_token, special.eos_id
+
+
+def import_causal_lm(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert the causal LM in `hf_dir` into a weights-only checkpoint at `out_dir`."""
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    where = hf_dir / "config.json"
+    if not where.is_file():
+        raise CheckpointError(f"{hf_dir}: no config.json; expected a Hugging Face model directory")
+    cfg = json.loads(where.read_text())
+    vocab = int(cfg["vocab_size"])
+    tok, mask_id, eos_token, eos_id = prepare_tokenizer(hf_dir, cfg, vocab)
+    new_vocab = max(vocab, mask_id + 1)
+    model = model_config(cfg, where, new_vocab)
+    state = drop_zero_biases(read_safetensors(hf_dir), hf_dir)
+    if "lm_head.weight" not in state:
+        if not cfg.get("tie_word_embeddings", False):
+            raise CheckpointError(f"{hf_dir}: no lm_head.weight and tie_word_embeddings is false")
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied: copy it
+    shape = Shape(
+        num_layers=model.num_layers,
+        num_heads=model.num_attention_heads,
+        num_groups=model.num_query_groups,
+        head_dim=model.hidden_size // model.num_attention_heads,
+    )
+    try:
+        canonical = {k: v.float() for k, v in from_hf(state, shape).items()}
+    except KeyError as exc:
+        raise CheckpointError(
+            f"{hf_dir}: weight {exc} is missing for a {cfg['model_type']}"
+        ) from None
+    padded = padded_vocab_size(new_vocab, model.make_vocab_size_divisible_by)
+    embed = canonical["embedding.word_embeddings.weight"]  # [V, h]
+    grown = torch.zeros(padded, embed.shape[1])
+    grown[:vocab] = embed[:vocab]
+    if mask_id >= vocab:  # a new row: start the mask token at the mean embedding
+        grown[mask_id] = embed[:vocab].mean(0)
+    canonical["embedding.word_embeddings.weight"] = grown
+    head = torch.zeros(padded, embed.shape[1])
+    head[:vocab] = canonical["head.output_layer.weight"][:vocab]
+    canonical["head.output_layer.weight"] = head
+    return _write(out, hf_dir, model, canonical, tok, mask_id, eos_token, eos_id)
+
+
+def _write(out: Path, hf_dir: Path, model, canonical, tok, mask_id, eos_token, eos_id) -> Path:
+    config = Config(model=model)
+    config.run.name = hf_dir.name
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tensors = {f"{name}#param": t.contiguous() for name, t in canonical.items()}
+    write_rank_shard(staging, 0, tensors, dict.fromkeys(canonical, {"tp_rank": 0, "tp_size": 1}))
+    common = {
+        "step": 0,
+        "optimizer_step": 0,
+        "layout": {"tp": 1, "pp": 1, "dp": 1},
+        "imported_from": str(hf_dir.resolve()),
+        "weights_only": True,
+    }
+    torch.save(common, staging / COMMON)
+    if tok is not None:
+        tok.save(str(staging / "tokenizer.json"))
+        mask_token = MASK_TOKEN
+    else:
+        mask_token = ""  # no tokenizer: the id is reserved, there is no text form
+    TokenizerRecord(
+        file="tokenizer.json",
+        vocab_size=model.vocab_size,
+        mask_token=mask_token,
+        mask_id=mask_id,
+        eos_token=eos_token,
+        eos_id=eos_id,
+    ).save(staging)
+    if out.exists():
+        shutil.rmtree(out)
+    seal(staging, out, 0, to_yaml(config))
+    return out
+
+
+def add_import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("hf_dir", help="Hugging Face causal LM directory (Llama / Qwen2 style)")
+    parser.add_argument("out_dir", help="checkpoint directory to write (weights only)")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    out = import_causal_lm(args.hf_dir, args.out_dir)
+    print(f"wrote {out} (weights-only checkpoint; model config in {out / 'config.yaml'})")
+    return 0

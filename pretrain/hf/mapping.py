@@ -1,0 +1,92 @@
+"""Canonical parameter names <-> Hugging Face (Llama-style) names, with the fused layouts split.
+
+Our canonical tensors (`pretrain.model.sharding`) follow Megatron-core's fused layouts:
+
+    linear_qkv.weight [G * (H/G + 2) * d, h]   group-major: for each KV group g the rows are
+                                               [q heads of g (H/G * d) ; k_g (d) ; v_g (d)]
+    linear_fc1.weight [2 * f, h]               [gate ; up]  (SwiGLU: silu(gate(x)) * up(x))
+
+(H query heads, G KV groups, head dim d.) The exported model, like Llama, keeps q/k/v and gate/up
+as separate projections, so the same mapping serves export (ours -> HF) and import of Llama/Qwen2
+weights (HF -> ours). Everything else is a rename.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_RENAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_TOP = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "head.final_norm.weight": "model.norm.weight",
+    "head.output_layer.weight": "lm_head.weight",
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_layers: int
+    num_heads: int
+    num_groups: int
+    head_dim: int
+
+
+def split_qkv(qkv: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron's group-major fused QKV [G*(H/G+2)*d, h] -> q [H*d, h], k [G*d, h], v [G*d, h]."""
+    per_group = shape.num_heads // shape.num_groups
+    d = shape.head_dim
+    grouped = qkv.view(shape.num_groups, (per_group + 2) * d, -1)
+    q, k, v = grouped.split([per_group * d, d, d], dim=1)
+    return q.reshape(-1, qkv.shape[1]), k.reshape(-1, qkv.shape[1]), v.reshape(-1, qkv.shape[1])
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """Inverse of `split_qkv`."""
+    g, d = shape.num_groups, shape.head_dim
+    h = q.shape[1]
+    grouped = torch.cat([q.view(g, -1, h), k.view(g, d, h), v.view(g, d, h)], dim=1)
+    return grouped.reshape(-1, h)
+
+
+def to_hf(canonical: dict[str, torch.Tensor], shape: Shape) -> dict[str, torch.Tensor]:
+    """Canonical state dict -> `DLMForMaskedLM` / Llama-style state dict."""
+    out = {hf: canonical[ours] for ours, hf in _TOP.items()}
+    for i in range(shape.num_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        for src, dst in _RENAMES.items():
+            out[hf + dst] = canonical[ours + src]
+        q, k, v = split_qkv(canonical[ours + "self_attention.linear_qkv.weight"], shape)
+        out[hf + "self_attn.q_proj.weight"] = q
+        out[hf + "self_attn.k_proj.weight"] = k
+        out[hf + "self_attn.v_proj.weight"] = v
+        gate, up = canonical[ours + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out[hf + "mlp.gate_proj.weight"] = gate
+        out[hf + "mlp.up_proj.weight"] = up
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def from_hf(hf: dict[str, torch.Tensor], shape: Shape) -> dict[str, torch.Tensor]:
+    """Llama-style state dict (q/k/v, gate/up separate) -> canonical state dict."""
+    out = {ours: hf[name] for ours, name in _TOP.items()}
+    for i in range(shape.num_layers):
+        ours, src = f"layers.{i}.", f"model.layers.{i}."
+        for dst, name in _RENAMES.items():
+            out[ours + dst] = hf[src + name]
+        attn = src + "self_attn."
+        out[ours + "self_attention.linear_qkv.weight"] = fuse_qkv(
+            hf[attn + "q_proj.weight"],
+            hf[attn + "k_proj.weight"],
+            hf[attn + "v_proj.weight"],
+            shape,
+        )
+        out[ours + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], dim=0
+        )
+    return {name: t.contiguous() for name, t in out.items()}

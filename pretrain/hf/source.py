@@ -1,0 +1,120 @@
+"""Reading a training checkpoint as one canonical state dict, with its config and tokenizer.
+
+Whatever layout wrote the checkpoint (TP x PP x DP, any ZeRO stage), `CheckpointReader` joins the
+tensor-parallel shards of every canonical parameter; pipeline stages and data-parallel ranks only
+decide which shard file holds which tensor. So export reads the same tensors from every layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from pretrain.checkpoint.format import CheckpointReader, canonical_names, trainer_state_file
+from pretrain.checkpoint.manager import verify_checkpoint
+from pretrain.config.loader import from_dict
+from pretrain.config.schema import Config
+from pretrain.errors import CheckpointError, DataError
+from pretrain.model.transformer import padded_vocab_size
+
+TOKENIZER_RECORD = "tokenizer_record.json"
+"""Written next to an imported checkpoint's tokenizer.json: its special tokens (no manifest)."""
+
+
+@dataclass(frozen=True)
+class TokenizerRecord:
+    file: str
+    """Path of the `tokenizer.json` the model was trained with."""
+    vocab_size: int
+    mask_token: str
+    mask_id: int
+    eos_token: str | None
+    eos_id: int | None
+
+    def save(self, directory: Path) -> None:
+        record = dict(asdict(self), file=Path(self.file).name)  # relative to its directory
+        (directory / TOKENIZER_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def tokenizer_record(data_dir: Path) -> TokenizerRecord:
+    """The tokenizer of a dataset (its manifest) or of an imported checkpoint (its record)."""
+    if (data_dir / TOKENIZER_RECORD).is_file():
+        raw = json.loads((data_dir / TOKENIZER_RECORD).read_text())
+        return TokenizerRecord(**dict(raw, file=str(data_dir / raw["file"])))
+    if not (data_dir / "manifest.json").is_file():
+        raise DataError(
+            f"{data_dir}: no manifest.json; the export needs the training data's tokenizer and "
+            "mask token (pass --data DIR, the directory of the dataset the model was trained on)"
+        )
+    from data_pipeline.manifest import Manifest
+
+    tok = Manifest.load(data_dir).tokenizer
+    return TokenizerRecord(
+        file=str(data_dir / tok.file),
+        vocab_size=tok.vocab_size,
+        mask_token=tok.mask_token,
+        mask_id=tok.mask_id,
+        eos_token=tok.eos_token,
+        eos_id=tok.eos_id,
+    )
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint's model: config, canonical fp32 weights, tokenizer, step, tracking run."""
+
+    path: Path
+    config: Config
+    config_yaml: str
+    state: dict[str, torch.Tensor]
+    tokenizer: TokenizerRecord
+    step: int
+    run_id: str | None
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the model may predict (below this; minus the mask)."""
+        return self.config.model.vocab_size or self.tokenizer.vocab_size
+
+    @property
+    def padded_vocab(self) -> int:
+        return padded_vocab_size(self.vocab_size, self.config.model.make_vocab_size_divisible_by)
+
+
+def read_checkpoint(path: str | Path, *, data_dir: str | Path | None = None) -> TrainedModel:
+    """Verify a complete checkpoint and merge all its shards into canonical tensors."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"{path}: no config.yaml; cannot tell which model the checkpoint holds "
+            "(expected the resolved run config that every checkpoint is sealed with)"
+        )
+    verify_checkpoint(path)
+    config_yaml = config_file.read_text()
+    cfg = from_dict(Config, yaml.safe_load(config_yaml), source=str(config_file))
+    cfg.validate()
+    reader = CheckpointReader(path)
+    reader.check_matches(canonical_names(cfg.model.num_layers))
+    state = {name: reader.full(name) for name in sorted(reader.names())}
+    if data_dir is None:
+        data_dir = path if (path / TOKENIZER_RECORD).is_file() else Path(cfg.data.path)
+    run_id = None
+    trainer_state = path / trainer_state_file(0)
+    if trainer_state.is_file():
+        run_id = torch.load(trainer_state, weights_only=False).get("tracking_run_id")
+    return TrainedModel(
+        path=path,
+        config=cfg,
+        config_yaml=config_yaml,
+        state=state,
+        tokenizer=tokenizer_record(Path(data_dir)),
+        step=int(reader.common["step"]),
+        run_id=run_id,
+    )
