@@ -244,3 +244,8 @@ def test_export_bad_input_is_a_clear_error(trained, tmp_path):
     code, err = _cli("export", str(ckpt), str(tmp_path / "o4"), "--data", str(tmp_path))
     assert code == 2 and "no manifest.json" in err and "--data" in err
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    assert not list(tmp_path.glob("*.partial"))  # failed exports leave nothing behind
+
+    code, err = _cli("export", str(ckpt), str(trained["hf"]), "--no-register")
+    assert code == 2 and "already exists and is not empty; pass --overwrite" in err
+    assert (trained["hf"] / "config.json").is_file()

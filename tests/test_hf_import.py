@@ -167,7 +167,7 @@ def test_qwen2_with_zero_biases_imports_and_nonzero_biases_are_refused(runtime, 
         import_causal_lm(tmp_path / "qwen-bias", tmp_path / "x")
 
 
-def test_unsupported_models_are_clear_errors(tmp_path):
+def test_unsupported_models_are_clear_errors(tmp_path, capsys):
     from transformers import GPT2Config
 
     from launcher.cli import main
@@ -186,4 +186,11 @@ def test_unsupported_models_are_clear_errors(tmp_path):
 
     with pytest.raises(CheckpointError, match="no config.json"):
         import_causal_lm(tmp_path / "nothing", tmp_path / "x")
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "scaled"), str(tmp_path / "busy")]) == 2
+    assert "busy: already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"

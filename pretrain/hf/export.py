@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from pretrain.errors import ConfigError
 from pretrain.hf.mapping import Shape, to_hf
 from pretrain.hf.model_card import final_metrics, write_model_card
+from pretrain.hf.outdir import publish, staging_dir
 from pretrain.hf.source import TrainedModel, read_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -141,20 +142,37 @@ def export_checkpoint(
     max_shard_size: str | int = "5GB",
     register: bool = True,
     registered_name: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the Hugging Face directory of `checkpoint` to `out_dir`; returns `out_dir`."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
-    model = read_checkpoint(checkpoint, data_dir=data_dir)
+    out, staging = staging_dir(out_dir, overwrite=overwrite)
+    try:
+        model = read_checkpoint(checkpoint, data_dir=data_dir)
+        tracking = tracking_client(model)
+        write_directory(model, staging, dtype, max_bytes, final_metrics(tracking, model.run_id))
+        publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # only left over when something failed
+    if register and tracking is not None and model.run_id:
+        from pretrain.hf.registry import register_export
+
+        version = register_export(
+            tracking, model.run_id, out, registered_name or model.config.run.name
+        )
+        print(f"[dlm] registered {version.name} version {version.version} ({version.source})")
+    return out
+
+
+def write_directory(
+    model: TrainedModel, staging: Path, dtype: str, max_bytes: int, metrics: dict | None
+) -> None:
+    """Every file of the Hugging Face directory, into `staging`."""
     from pretrain.hf.configuration_dlm import DLMConfig
 
-    out = Path(out_dir)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    config = DLMConfig(**hf_config(model, dtype))
-    config.save_pretrained(str(staging))
+    DLMConfig(**hf_config(model, dtype)).save_pretrained(str(staging))
     for name in MODELING_FILES:
         shutil.copy2(HERE / name, staging / name)
     write_weights(hf_state_dict(model, DTYPES[dtype]), staging, max_bytes)
@@ -169,20 +187,7 @@ def export_checkpoint(
     }
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     write_tokenizer(model, staging)
-    tracking = tracking_client(model)
-    metrics = final_metrics(tracking, model.run_id)
     write_model_card(staging, model, metrics, hf_config(model, dtype))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    if register and tracking is not None and model.run_id:
-        from pretrain.hf.registry import register_export
-
-        version = register_export(
-            tracking, model.run_id, out, registered_name or model.config.run.name
-        )
-        print(f"[dlm] registered {version.name} version {version.version} ({version.source})")
-    return out
 
 
 def tracking_client(model: TrainedModel):
@@ -216,6 +221,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not log/register the export in the run's MLflow store",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument(
         "--registered-name", help="MLflow registered model name (default: run name)"
     )
@@ -230,6 +236,7 @@ def run_export(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         register=not args.no_register,
         registered_name=args.registered_name,
+        overwrite=args.overwrite,
     )
     print(
         f"wrote {out} (load with AutoModelForMaskedLM.from_pretrained(..., trust_remote_code=True))"

@@ -35,6 +35,7 @@ from pretrain.config import to_yaml
 from pretrain.config.schema import Config, ModelConfig
 from pretrain.errors import CheckpointError
 from pretrain.hf.mapping import Shape, from_hf
+from pretrain.hf.outdir import staging_dir
 from pretrain.hf.source import TokenizerRecord
 from pretrain.model.transformer import padded_vocab_size
 
@@ -162,12 +163,20 @@ def prepare_tokenizer(hf_dir: Path, cfg: dict, vocab: int):
     return tok, special.mask_id, special.eos_token, special.eos_id
 
 
-def import_causal_lm(hf_dir: str | Path, out_dir: str | Path) -> Path:
+def import_causal_lm(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Convert the causal LM in `hf_dir` into a weights-only checkpoint at `out_dir`."""
-    hf_dir, out = Path(hf_dir), Path(out_dir)
+    hf_dir = Path(hf_dir)
     where = hf_dir / "config.json"
     if not where.is_file():
         raise CheckpointError(f"{hf_dir}: no config.json; expected a Hugging Face model directory")
+    out, staging = staging_dir(out_dir, overwrite=overwrite)
+    try:
+        return _import(hf_dir, where, out, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after a success (sealed), or a failure
+
+
+def _import(hf_dir: Path, where: Path, out: Path, staging: Path) -> Path:
     cfg = json.loads(where.read_text())
     vocab = int(cfg["vocab_size"])
     tok, mask_id, eos_token, eos_id = prepare_tokenizer(hf_dir, cfg, vocab)
@@ -200,15 +209,13 @@ def import_causal_lm(hf_dir: str | Path, out_dir: str | Path) -> Path:
     head = torch.zeros(padded, embed.shape[1])
     head[:vocab] = canonical["head.output_layer.weight"][:vocab]
     canonical["head.output_layer.weight"] = head
-    return _write(out, hf_dir, model, canonical, tok, mask_id, eos_token, eos_id)
+    return _write(out, staging, hf_dir, model, canonical, tok, (mask_id, eos_token, eos_id))
 
 
-def _write(out: Path, hf_dir: Path, model, canonical, tok, mask_id, eos_token, eos_id) -> Path:
+def _write(out: Path, staging: Path, hf_dir: Path, model, canonical, tok, special) -> Path:
+    mask_id, eos_token, eos_id = special
     config = Config(model=model)
     config.run.name = hf_dir.name
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     tensors = {f"{name}#param": t.contiguous() for name, t in canonical.items()}
     write_rank_shard(staging, 0, tensors, dict.fromkeys(canonical, {"tp_rank": 0, "tp_size": 1}))
     common = {
@@ -232,18 +239,17 @@ def _write(out: Path, hf_dir: Path, model, canonical, tok, mask_id, eos_token, e
         eos_token=eos_token,
         eos_id=eos_id,
     ).save(staging)
-    if out.exists():
-        shutil.rmtree(out)
-    seal(staging, out, 0, to_yaml(config))
+    seal(staging, out, 0, to_yaml(config))  # replaces an existing `out` only once complete
     return out
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("hf_dir", help="Hugging Face causal LM directory (Llama / Qwen2 style)")
     parser.add_argument("out_dir", help="checkpoint directory to write (weights only)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
 
 def run_import(args: argparse.Namespace) -> int:
-    out = import_causal_lm(args.hf_dir, args.out_dir)
+    out = import_causal_lm(args.hf_dir, args.out_dir, overwrite=args.overwrite)
     print(f"wrote {out} (weights-only checkpoint; model config in {out / 'config.yaml'})")
     return 0
