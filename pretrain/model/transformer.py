@@ -100,6 +100,17 @@ class TokenEmbedding(torch.nn.Module):
         return hidden
 
 
+def dense_cross_entropy(
+    logits: torch.Tensor, excluded: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """logits [n, V] holding the whole vocab, excluded [V] bool, targets [n] -> CE [n] in fp32.
+
+    One fused log-softmax over fp32 logits, where Megatron's vocab-parallel CE (needed when the
+    vocab is split over TP ranks) makes several passes."""
+    logits = logits.float().masked_fill(excluded, float("-inf"))
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
 class OutputHead(torch.nn.Module):
     """Final RMSNorm + vocab-parallel output projection.
 
@@ -128,6 +139,8 @@ class OutputHead(torch.nn.Module):
         # This rank's slice of the vocab: [start, start + padded_vocab / tp)
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         start = parallel_state.get_tensor_model_parallel_rank() * (padded_vocab // tp_size)
+        self.tp_size = tp_size
+        self.dense_ce = dense_cross_entropy
         ids = torch.arange(start, start + padded_vocab // tp_size)
         excluded = ids >= vocab_size
         for token in excluded_token_ids:
@@ -178,8 +191,14 @@ class OutputHead(torch.nn.Module):
     def _rows_ce(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """hidden [n, h], targets [n] -> CE [n] fp32 (vocab-parallel over TP)."""
         logits, _ = self.output_layer(self.final_norm(hidden))  # [n, V/tp]
+        if self.tp_size == 1:
+            return self.dense_ce(logits, self.excluded, targets)
         logits = logits.masked_fill(self.excluded, float("-inf")).float()
         return tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
+
+    def compile_loss(self) -> None:
+        """Fuse cast, exclusion and log-softmax of the (single-rank) CE into generated kernels."""
+        self.dense_ce = torch.compile(dense_cross_entropy, dynamic=True)
 
 
 class DLMTransformer(torch.nn.Module):

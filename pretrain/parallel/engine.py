@@ -23,7 +23,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from pretrain.config import Config
 from pretrain.diffusion.objective import DiffusionBatch
 from pretrain.model.sharding import initialize, mark_tensor_parallel
-from pretrain.model.transformer import DLMTransformer, megatron_config, padded_vocab_size
+from pretrain.model.transformer import (
+    DLMTransformer,
+    OutputHead,
+    megatron_config,
+    padded_vocab_size,
+)
 from pretrain.parallel.pipeline import (
     PipelineLoss,
     build_pipeline_module,
@@ -295,6 +300,8 @@ def build_engine(
         for layer in module.modules():
             if isinstance(layer, TransformerLayer):
                 layer.compile()
+            elif isinstance(layer, OutputHead):
+                layer.compile_loss()
     optimizer = build_optimizer(module, cfg, rt)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
