@@ -67,11 +67,15 @@ def profile(step_fn, steps: int = 3) -> dict[str, float]:
             step_fn()
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
+    kernels: dict[str, float] = {}
     for event in prof.key_averages():
         us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         if us and event.device_type.name == "CUDA":
             cat = categorize(event.key)
             totals[cat] = totals.get(cat, 0.0) + us / 1e3 / steps
+            kernels[f"{cat}: {event.key[:90]}"] = us / 1e3 / steps
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    print("top kernels (ms/step):\n" + "\n".join(f"  {v:7.2f}  {k}" for k, v in top), flush=True)
     return dict(sorted(totals.items()))
 
 
@@ -316,6 +320,10 @@ def main() -> None:
         result = json.loads(lines[-1][7:]) if lines else {"error": f"exit {proc.returncode}"}
         if "error" in result:
             print(proc.stdout[-1500:], proc.stderr[-3000:], flush=True)
+        else:  # the kernel list, and the host time to fetch and corrupt a batch
+            print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith("  ")))
+            if "data_ms" in result:
+                print(f"data: {result['data_ms']:.1f} ms per batch on the host", flush=True)
         rows.append(row(mode, result))
         print(rows[-1], flush=True)
         if a.out:
