@@ -89,7 +89,7 @@ def test_exported_logits_equal_ours(trained):
 
 
 def test_export_directory_contents(trained):
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
     hf = trained["hf"]
     config = json.loads((hf / "config.json").read_text())
@@ -107,6 +107,9 @@ def test_export_directory_contents(trained):
     )
     body = AutoModel.from_pretrained(hf, trust_remote_code=True)
     assert type(body).__name__ == "DLMModel"
+    full = AutoModelForMaskedLM.from_pretrained(hf, trust_remote_code=True)
+    for name, param in body.named_parameters():  # the body's weights are loaded, not initialised
+        assert torch.equal(param, full.model.get_parameter(name)), name
     card = (hf / "README.md").read_text()
     assert "val/ce_masked" in card and "hidden_size: 64" in card
 

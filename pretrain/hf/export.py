@@ -182,7 +182,6 @@ def write_directory(
         "max_new_tokens": 64,
         "steps": 64,
         "block_length": 32,
-        "temperature": 0.0,
         "remasking": "low_confidence",
     }
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

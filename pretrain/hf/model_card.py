@@ -33,6 +33,7 @@ masked position. Exported from `{checkpoint}` at step {step}.
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+PATH = "path/to/this/directory"  # or its Hub repository id
 tok = AutoTokenizer.from_pretrained(PATH)
 model = AutoModelForMaskedLM.from_pretrained(PATH, trust_remote_code=True, dtype=torch.bfloat16)
 prompt = tok("the keys to the cabinet", return_tensors="pt").input_ids
