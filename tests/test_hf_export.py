@@ -252,3 +252,32 @@ def test_export_bad_input_is_a_clear_error(trained, tmp_path):
     code, err = _cli("export", str(ckpt), str(trained["hf"]), "--no-register")
     assert code == 2 and "already exists and is not empty; pass --overwrite" in err
     assert (trained["hf"] / "config.json").is_file()
+
+
+def test_export_of_a_real_tp2_pp2_run_equals_the_single_process_export(
+    runtime, demo_data, tmp_path
+):
+    """4 torchrun processes train at TP=2 x PP=2 (each rank writes its own shard); its export
+    equals the export of the same config trained in one process, within the parameter tolerance
+    of the parallel tests (1e-4; the runs differ only in the order of floating-point sums)."""
+    from test_parallel import PARAM_ATOL, launch, overrides
+
+    layout = {"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2}
+    (result,) = launch(
+        4, [{"overrides": overrides(demo_data, tmp_path, "tp2pp2", **layout)}], tmp_path
+    )
+    single = train(load_config(TINY, overrides(demo_data, tmp_path, "single")))
+    parallel_ckpt = Path(result["checkpoint"])
+    assert len(list((parallel_ckpt / "shards").iterdir())) == 4
+    a = export_checkpoint(parallel_ckpt, tmp_path / "hf-tp2pp2", register=False)
+    b = export_checkpoint(single.checkpoint, tmp_path / "hf-single", register=False)
+    got, want = _tensors(a), _tensors(b)
+    assert sorted(got) == sorted(want)
+    worst = max((got[n] - want[n]).abs().max().item() for n in got)
+    assert worst <= PARAM_ATOL, f"max parameter difference {worst:.3g}"
+    half = export_checkpoint(
+        single.run_dir / "checkpoints" / "step_00000003", tmp_path / "hf-half", register=False
+    )
+    earlier = _tensors(half)
+    moved = max((want[n] - earlier[n]).abs().max().item() for n in want)
+    assert moved > 10 * PARAM_ATOL  # the last 3 steps alone move weights far beyond the tolerance
