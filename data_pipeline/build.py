@@ -1,4 +1,4 @@
-"""``dlm data build``: text/jsonl -> tokenizer -> packed token blocks -> webdataset shards.
+"""``dlm data build``: txt/jsonl/parquet -> tokenizer -> packed token blocks -> webdataset shards.
 
 Layout of a built dataset directory::
 
@@ -7,7 +7,8 @@ Layout of a built dataset directory::
     train-00000.tar ...    webdataset tars; sample ``train-00000-000000`` has one member ``.tok``
     val-00000.tar ...      holding seq_len little-endian ids in the manifest dtype
 
-This is the simple single-process builder: it holds the corpus in memory. Every user-caused
+The builder holds the tokenized corpus in memory (uint32 ids: 4 bytes per token); input files are
+read by parallel processes and tokenized on all cores. Every user-caused
 problem raises :class:`DataError` (bad input) or :class:`ConfigError` (bad argument) with a
 one-line message.
 """
@@ -15,9 +16,7 @@ one-line message.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ import numpy as np
 import webdataset as wds
 from tokenizers import Tokenizer
 
+from data_pipeline.inputs import _progress, read_inputs
 from data_pipeline.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -46,9 +46,8 @@ from data_pipeline.tokenizer import (
 )
 from pretrain.errors import ConfigError, DataError
 
-# One or more blank (whitespace-only) lines separate documents in a .txt input.
-_BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
 _EMBEDDED = "<documents>"
+_ENCODE_CHUNK = 4096
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -58,86 +57,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _read_utf8(path: Path) -> str:
-    """Read ``path`` as strict UTF-8 with normalised newlines; name the file in every error."""
-    if not path.exists():
-        raise DataError(f"{path}: input file not found")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory; expected a .txt or .jsonl file")
-    raw = path.read_bytes()
-    if not raw:
-        raise DataError(f"{path}: is empty; expected UTF-8 text")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path}: invalid UTF-8 at byte offset {exc.start} "
-            f"(byte 0x{raw[exc.start]:02x}); expected UTF-8 text"
-        ) from exc
-    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-
-
-def read_txt(path: str | Path) -> list[str]:
-    """Documents of a .txt file: blocks of text separated by one or more blank lines."""
-    path = Path(path)
-    docs = [d.strip("\n") for d in _BLANK_LINES.split(_read_utf8(path))]
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise DataError(f"{path}: contains only whitespace; expected UTF-8 text")
-    return docs
-
-
-def read_jsonl(path: str | Path, *, text_field: str = "text") -> list[str]:
-    """Documents of a .jsonl file: the string field ``text_field`` of one JSON object per line."""
-    path = Path(path)
-    docs: list[str] = []
-    # split("\n"), not splitlines(): the latter also breaks on U+2028 inside JSON strings.
-    for lineno, line in enumerate(_read_utf8(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); "
-                f"expected one JSON object per line"
-            ) from exc
-        if not isinstance(obj, dict):
-            raise DataError(
-                f"{path}:{lineno}: is a JSON {type(obj).__name__}; expected an object "
-                f"with a '{text_field}' field"
-            )
-        if text_field not in obj:
-            fields = ", ".join(sorted(obj)[:8]) or "none"
-            raise DataError(
-                f"{path}:{lineno}: no field '{text_field}' (fields: {fields}); "
-                f"choose one with --text-field"
-            )
-        text = obj[text_field]
-        if not isinstance(text, str):
-            raise DataError(
-                f"{path}:{lineno}: field '{text_field}' is {type(text).__name__}; expected a string"
-            )
-        if text.strip():
-            docs.append(text)
-    if not docs:
-        raise DataError(f"{path}: contains no non-empty '{text_field}' documents")
-    return docs
-
-
-def read_input(path: str | Path, *, text_field: str = "text") -> list[str]:
-    """Dispatch on the file extension."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return read_txt(path)
-    if suffix == ".jsonl":
-        return read_jsonl(path, text_field=text_field)
-    raise DataError(
-        f"{path}: unsupported input type '{suffix or '(none)'}'; expected .txt or .jsonl"
-    )
 
 
 def _split_key(seed: int, index: int) -> float:
@@ -247,14 +166,22 @@ def build_dataset(
     overwrite: bool = False,
     eos_token: str | None = None,
     log: Callable[[str], object] = print,
+    workers: int = 1,
+    progress: bool = False,
+    shard_size_mb: float | None = None,
 ) -> Manifest:
     """Build a sharded, packed dataset in ``out_dir`` and return its manifest.
 
-    ``inputs`` are .txt/.jsonl files; ``documents`` are extra in-memory documents (the demo corpus),
-    appended after the files. ``tokenizer`` is a tokenizer.json (or its directory) to use; when None
-    a byte-level BPE of ``vocab_size`` is trained on all documents. The build happens in a temporary
-    sibling directory that is renamed into place at the end, so a failure never leaves a partial
-    dataset; an existing ``out_dir`` is replaced only with ``overwrite=True``.
+    ``inputs`` are .txt/.jsonl/.parquet files; ``documents`` are extra in-memory documents (the
+    demo corpus), appended after the files. ``tokenizer`` is a tokenizer.json, a directory holding
+    one or a Hugging Face ``AutoTokenizer`` directory; when None a byte-level BPE of
+    ``vocab_size`` is trained on all documents. The build happens in a temporary sibling
+    directory that is renamed into place at the end, so a failure never leaves a partial dataset;
+    an existing ``out_dir`` is replaced only with ``overwrite=True``.
+
+    ``workers`` processes read the input files in parallel (tokenisation is parallel inside the
+    tokenizers library); ``progress`` shows progress bars; ``shard_size_mb`` sets the samples per
+    shard from a target shard size instead of ``samples_per_shard``.
     """
     if seq_len < 1:
         raise ConfigError(f"seq_len is {seq_len}; expected a positive integer")
@@ -276,11 +203,14 @@ def build_dataset(
                 f"refusing to overwrite it"
             )
 
+    if shard_size_mb is not None and shard_size_mb <= 0:
+        raise ConfigError(f"shard_size_mb is {shard_size_mb}; expected a positive number")
+
     # 1. Read documents, remembering where each came from for the manifest.
     texts: list[str] = []
     sources: list[InputSource] = []
-    for path in inputs:
-        docs = read_input(path, text_field=text_field)
+    per_file = read_inputs(inputs, text_field=text_field, workers=workers, progress=progress)
+    for path, docs in zip(inputs, per_file, strict=True):
         texts.extend(docs)
         sources.append(InputSource(name=str(path), num_documents=len(docs)))
         log(f"read {path}: {len(docs)} documents")
@@ -299,10 +229,13 @@ def build_dataset(
     special = prepare_special_tokens(tok, eos_token=eos_token)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     dtype = dtype_for_vocab(vocab)
+    if shard_size_mb is not None:  # a tar member costs a 512-byte header plus padded data
+        per_sample = 512 + -(-seq_len * np.dtype(dtype).itemsize // 512) * 512
+        samples_per_shard = max(1, int(shard_size_mb * 1e6 // per_sample))
 
     # 3. Encode. encode_special_tokens=True makes literal "<mask>"/"<eos>" in the text ordinary
     # text, so the reserved ids only ever appear where we put them.
-    ids = _encode(tok, texts)
+    ids = _encode(tok, texts, progress=progress)
     for i, d in enumerate(ids):
         if d.size and (int(d.max()) >= vocab or bool(np.any(d == special.mask_id))):
             raise DataError(
@@ -374,15 +307,26 @@ def build_dataset(
     return manifest
 
 
-def _encode(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
-    """Token ids per document without post-processing or special-token extraction."""
+def _encode(tok: Tokenizer, texts: list[str], *, progress: bool = False) -> list[np.ndarray]:
+    """Token ids per document without post-processing or special-token extraction.
+
+    ``encode_batch`` runs on all cores (the tokenizers library's thread pool); chunks bound the
+    memory of the intermediate encodings and drive the progress bar.
+    """
     previous = tok.encode_special_tokens
     tok.encode_special_tokens = True
+    out: list[np.ndarray] = []
+    bar = _progress(len(texts), "tokenize", "docs", progress)
     try:
-        encodings = tok.encode_batch(texts, add_special_tokens=False)
+        for start in range(0, len(texts), _ENCODE_CHUNK):
+            chunk = texts[start : start + _ENCODE_CHUNK]
+            encodings = tok.encode_batch(chunk, add_special_tokens=False)
+            out.extend(np.asarray(e.ids, dtype=np.uint32) for e in encodings)
+            bar.update(len(chunk))
     finally:
         tok.encode_special_tokens = previous
-    return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
+        bar.close()
+    return out
 
 
 def _source_of(index: int, sources: list[InputSource]) -> str:

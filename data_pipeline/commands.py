@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from data_pipeline.build import build_dataset
+from data_pipeline.inputs import default_workers
 from pretrain.errors import ConfigError
 
 DEFAULT_DEMO_DOCUMENTS = 50000
@@ -20,8 +21,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs",
         nargs="*",
         metavar="INPUT",
-        help="input files: .txt (documents separated by blank lines) or .jsonl (one JSON object "
-        "per line); optional with --demo",
+        help="input files: .txt (documents separated by blank lines), .jsonl (one JSON object "
+        "per line) or .parquet (one document per row); optional with --demo",
     )
     parser.add_argument(
         "--out",
@@ -77,7 +78,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "--text-field",
         default="text",
         metavar="F",
-        help="field holding the text in .jsonl inputs (default: %(default)s)",
+        help="field (.jsonl) or column (.parquet) holding the text (default: %(default)s)",
     )
     parser.add_argument(
         "--demo",
@@ -94,6 +95,23 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace DIR if it already holds a dataset"
     )
+    parser.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="target shard size; overrides --samples-per-shard (e.g. 256)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes reading input files in parallel (default: all cores)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (they go to stderr)"
+    )
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -109,7 +127,7 @@ def run_build(args: argparse.Namespace) -> int:
 
         documents = generate_documents(args.demo_documents, seed=args.seed)
     elif not args.inputs:
-        raise ConfigError("dlm data build: give INPUT files (.txt or .jsonl) or --demo")
+        raise ConfigError("dlm data build: give INPUT files (.txt, .jsonl, .parquet) or --demo")
     build_dataset(
         args.inputs,
         args.out,
@@ -122,5 +140,8 @@ def run_build(args: argparse.Namespace) -> int:
         text_field=args.text_field,
         documents=documents,
         overwrite=args.overwrite,
+        shard_size_mb=args.shard_size_mb,
+        workers=args.workers if args.workers is not None else default_workers(),
+        progress=not args.no_progress,
     )
     return 0

@@ -53,14 +53,31 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             f"directory containing one"
         )
     if not file.is_file():
-        raise DataError(
-            f"{path}: directory has no {TOKENIZER_FILE}; expected a Hugging Face tokenizers file"
-        )
+        return _from_auto_tokenizer(path)
     try:
         return Tokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises a bare Exception on bad JSON or schema
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{file}: not a valid Hugging Face tokenizer file ({detail})") from exc
+
+
+def _from_auto_tokenizer(path: Path) -> Tokenizer:
+    """The fast (Rust) tokenizer of a local ``AutoTokenizer`` directory without tokenizer.json
+    (e.g. only a SentencePiece ``tokenizer.model``, which transformers converts)."""
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # OSError, ValueError, missing sentencepiece, ...
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"{path}: directory has no {TOKENIZER_FILE} and is not a loadable AutoTokenizer "
+            f"directory ({detail}); expected a Hugging Face tokenizer"
+        ) from exc
+    backend = getattr(hf, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise DataError(f"{path}: AutoTokenizer loaded a slow tokenizer; a fast one is required")
+    return backend
 
 
 def train_bpe(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:

@@ -1,6 +1,7 @@
 """`dlm`: the one command-line entry point.
 
-    dlm data build INPUT... --out DIR --seq-len N     text/jsonl -> webdataset shards + manifest
+    dlm data build INPUT... --out DIR --seq-len N     txt/jsonl/parquet -> webdataset shards
+    dlm data inspect DIR                              counts, decoded samples, token histogram
     dlm train CONFIG [key.sub=value ...]              train (resumes the run's latest checkpoint)
     dlm plan CONFIG [--layout TPxPPxDP[:ZERO]] ...    per-GPU memory table for parallel layouts
     dlm ckpt convert CKPT --out DIR --tp T --pp P     re-shard a checkpoint for another layout
@@ -73,6 +74,18 @@ def _run_build(args: argparse.Namespace) -> int:
     return run_build(args)
 
 
+def _add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    from data_pipeline.inspection import add_inspect_arguments
+
+    add_inspect_arguments(parser)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from data_pipeline.inspection import run_inspect
+
+    return run_inspect(args)
+
+
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     from pretrain.checkpoint.convert import add_convert_arguments
 
@@ -126,6 +139,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "tokenize text/jsonl files (or the built-in demo corpus) into webdataset shards",
         _add_build_arguments,
         _run_build,
+    ),
+    ("data", "inspect"): (
+        "summarise a built dataset: counts per split, decoded samples, token histogram",
+        _add_inspect_arguments,
+        _run_inspect,
     ),
     ("train",): (
         "train a diffusion LM from a YAML config (auto-resumes from the latest checkpoint)",

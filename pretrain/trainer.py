@@ -113,6 +113,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
                 logged = objective.summarize({name: v / steps for name, v in window.items()})
                 logged["tokens_per_s"] = data.global_tokens_per_step / logged["step_time_s"]
                 logged["lr"] = engine.lr
+                logged.update(data.metrics())
                 if (grad_norm := engine.grad_norm) is not None:
                     logged["grad_norm"] = grad_norm
                 tracker.log_metrics(logged, step=done)
@@ -155,18 +156,27 @@ class TrainData:
     """
 
     def __init__(self, cfg: Config, rt: Runtime):
+        from data_pipeline.loader import LoaderStream
         from data_pipeline.manifest import check_compatible
-        from data_pipeline.reader import TokenBlockStream, eval_batches
+        from data_pipeline.mixing import Source
+        from data_pipeline.reader import eval_batches
         from data_pipeline.tokenizer import load_tokenizer, tokenizer_sha256
 
-        self.stream = TokenBlockStream(
-            cfg.data.path,
-            "train",
+        cfg.data.validate()
+        sources = [Source(s.path, s.weight, s.shard_url) for s in cfg.data.sources] or [
+            Source(cfg.data.path, 1.0, cfg.data.shard_url)
+        ]
+        self.stream = LoaderStream(
+            num_workers=cfg.data.num_workers,
+            sources=sources,
+            split="train",
             batch_size=cfg.train.micro_batch_size,
             dp_rank=rt.dp_rank,
             dp_size=rt.dp,
             seed=cfg.train.seed,
             verify_checksums=cfg.data.verify_checksums,
+            on_bad_shard=cfg.data.on_bad_shard,
+            truncate_fraction=cfg.data.truncate_fraction,
         )
         self.manifest = self.stream.manifest
         expected_sha = None
@@ -174,7 +184,7 @@ class TrainData:
             expected_sha = tokenizer_sha256(load_tokenizer(cfg.data.tokenizer))
         check_compatible(
             self.manifest,
-            where=str(Path(cfg.data.path) / "manifest.json"),
+            where=str(Path(sources[0].path) / "manifest.json"),
             seq_len=cfg.data.seq_len,
             vocab_size=cfg.model.vocab_size,
             tokenizer_sha256=expected_sha,
@@ -188,17 +198,23 @@ class TrainData:
         if cfg.train.eval_batches and self.manifest.splits.get("val"):
             self.val = list(
                 eval_batches(
-                    cfg.data.path,
+                    sources[0].path,
                     "val",
                     batch_size=cfg.train.micro_batch_size,
                     num_batches=cfg.train.eval_batches,
                     dp_rank=rt.dp_rank,
                     dp_size=rt.dp,
                     verify_checksums=cfg.data.verify_checksums,
+                    shard_url=sources[0].shard_url,
                 )
             )
         elif cfg.train.eval_batches:
-            raise DataError(f"{cfg.data.path}/manifest.json: no 'val' split to evaluate on")
+            raise DataError(f"{sources[0].path}/manifest.json: no 'val' split to evaluate on")
+        self.skip_bad = cfg.data.on_bad_shard == "skip"
+
+    def metrics(self) -> dict[str, float]:
+        """Data-health counters logged with the training metrics (this rank's reader)."""
+        return {"data/skipped_shards": self.stream.skipped_shards} if self.skip_bad else {}
 
 
 def evaluate(engine, objective, data: TrainData, cfg: Config, rt: Runtime) -> dict[str, float]:

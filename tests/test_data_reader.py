@@ -108,7 +108,7 @@ def test_one_epoch_is_a_permutation_of_the_stored_blocks(dataset):
     assert all(b.dtype == torch.int64 and b.shape == (1, SEQ_LEN) for b in epoch)
     assert Counter(rows_of(epoch)) == Counter(stored_rows(out, m, "train"))
     assert rows_of(epoch) != stored_rows(out, m, "train")  # shuffled, not file order
-    assert s.state_dict()["epoch"] == 1 and s.state_dict()["index"] == 0
+    assert s.state_dict()["position"] == n and s.state_dict()["consumed"] == [n]
     second = take(s, n)
     assert Counter(rows_of(second)) == Counter(rows_of(epoch))
     assert rows_of(second) != rows_of(epoch)  # each epoch has its own order
@@ -233,7 +233,8 @@ def test_seek_reads_only_the_needed_shard(dataset, monkeypatch):
         reader_mod, "read_shard", lambda *a, **k: calls.append(a[3]) or real(*a, **k)
     )
     s = TokenBlockStream(out, batch_size=1, seed=9)
-    s.load_state_dict({**s.state_dict(), "epoch": 5, "index": m.num_samples("train") // 2})
+    p = 5 * m.num_samples("train") + m.num_samples("train") // 2
+    s.load_state_dict({**s.state_dict(), "position": p, "consumed": [p]})
     next(s)
     assert len(calls) == 1
 
@@ -243,16 +244,16 @@ def test_state_of_another_dataset_is_rejected(dataset):
     s = TokenBlockStream(out, batch_size=2)
     state = s.state_dict()
     with pytest.raises(DataError, match=r"different dataset .*ds/manifest.json"):
-        s.load_state_dict({**state, "fingerprint": "f" * 64})
+        s.load_state_dict({**state, "sources": [{**state["sources"][0], "fingerprint": "f" * 64}]})
     val = TokenBlockStream(out, "val", batch_size=2)
     with pytest.raises(DataError, match="different dataset"):
         val.load_state_dict(state)
     with pytest.raises(DataError, match="saved with seed 0 but this stream uses 1"):
         TokenBlockStream(out, batch_size=2, seed=1).load_state_dict(state)
-    with pytest.raises(DataError, match="out of range"):
-        s.load_state_dict({**state, "index": 10**6})
-    with pytest.raises(DataError, match="'epoch' is missing"):
-        s.load_state_dict({k: v for k, v in state.items() if k != "epoch"})
+    with pytest.raises(DataError, match="out of range or inconsistent"):
+        s.load_state_dict({**state, "consumed": [10**6]})
+    with pytest.raises(DataError, match="'position' is missing"):
+        s.load_state_dict({k: v for k, v in state.items() if k != "position"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,6 +106,41 @@ class DataConfig:
     """Optional tokenizer.json the model is meant for; its hash must match the manifest's."""
     verify_checksums: bool = True
     """Check each shard's sha256 against the manifest when it is opened."""
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    """Weighted mixture of datasets (`[{path: ..., weight: 0.7}, ...]`); empty reads `path` only.
+    All must share seq_len and tokenizer; validation uses the first source's `val` split."""
+    shard_url: str | None = None
+    """Template for `path`'s shard locations with `{name}`, e.g. `pipe:aws s3 cp s3://b/{name} -`
+    (object stores through their CLIs); null reads the shards from `path`."""
+    on_bad_shard: Literal["error", "skip"] = "error"
+    """A corrupt/missing shard: `error` stops the run naming it; `skip` logs a warning, reads the
+    next shard instead and counts it (`data/skipped_shards` in MLflow)."""
+    num_workers: int = 0
+    """DataLoader worker processes reading shards ahead (0: read in the training process)."""
+    truncate_fraction: float = 0.0
+    """LLaDA-style random lengths: this fraction of sequences keeps only its first U{1..seq_len}
+    tokens; the rest is EOS padding with loss_mask False (shapes stay [b, seq_len])."""
+
+    def validate(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 <= self.truncate_fraction <= 1.0:
+            raise ConfigError(
+                f"data.truncate_fraction must be in [0, 1], got {self.truncate_fraction}"
+            )
+        for i, src in enumerate(self.sources):
+            if not src.weight > 0:
+                raise ConfigError(f"data.sources[{i}].weight must be > 0, got {src.weight}")
+
+
+@dataclass(kw_only=True)
+class DataSourceConfig:
+    path: str
+    """Dataset directory (manifest.json, tokenizer.json, shards)."""
+    weight: float = 1.0
+    """Relative sampling weight in the mixture."""
+    shard_url: str | None = None
+    """Optional shard location template with `{name}` (local path or `pipe:` command)."""
 
 
 @dataclass(kw_only=True)
