@@ -78,13 +78,7 @@ def hf_config(model: TrainedModel, dtype: str) -> dict:
 
 
 def hf_state_dict(model: TrainedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    m = model.config.model
-    shape = Shape(
-        num_layers=m.num_layers,
-        num_heads=m.num_attention_heads,
-        num_groups=m.num_query_groups or m.num_attention_heads,
-        head_dim=m.hidden_size // m.num_attention_heads,
-    )
+    shape = Shape.of(model.config.model)
     return {name: t.to(dtype) for name, t in to_hf(model.state, shape).items()}
 
 

@@ -187,12 +187,7 @@ def _import(hf_dir: Path, where: Path, out: Path, staging: Path) -> Path:
         if not cfg.get("tie_word_embeddings", False):
             raise CheckpointError(f"{hf_dir}: no lm_head.weight and tie_word_embeddings is false")
         state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied: copy it
-    shape = Shape(
-        num_layers=model.num_layers,
-        num_heads=model.num_attention_heads,
-        num_groups=model.num_query_groups,
-        head_dim=model.hidden_size // model.num_attention_heads,
-    )
+    shape = Shape.of(model)
     try:
         canonical = {k: v.float() for k, v in from_hf(state, shape).items()}
     except KeyError as exc:

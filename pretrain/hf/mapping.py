@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.config.schema import ModelConfig
+
 _RENAMES = {
     "input_layernorm.weight": "input_layernorm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
@@ -36,6 +38,15 @@ class Shape:
     num_heads: int
     num_groups: int
     head_dim: int
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> Shape:
+        return cls(
+            num_layers=model.num_layers,
+            num_heads=model.num_attention_heads,
+            num_groups=model.num_query_groups or model.num_attention_heads,
+            head_dim=model.hidden_size // model.num_attention_heads,
+        )
 
 
 def split_qkv(qkv: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
