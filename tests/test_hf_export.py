@@ -212,6 +212,18 @@ def test_export_registers_the_model_in_mlflow(trained):
     assert f"| `val/ce_masked` | {val:.6g} |" in card
 
 
+def test_export_of_a_run_whose_mlflow_store_moved(trained, tmp_path, capsys):
+    store = trained["out"] / "mlflow.db"
+    store.rename(tmp_path / "moved.db")
+    try:
+        hf = export_checkpoint(trained["result"].checkpoint, tmp_path / "hf")
+    finally:
+        (tmp_path / "moved.db").rename(store)
+    assert "not found in sqlite:///" in capsys.readouterr().out
+    assert "Not available: no MLflow run was found" in (hf / "README.md").read_text()
+    assert not (trained["out"] / "mlflow.db-journal").exists() and store.is_file()
+
+
 def _cli(*args: str) -> tuple[int, str]:
     import contextlib
     import io

@@ -184,15 +184,28 @@ def write_directory(
 
 
 def tracking_client(model: TrainedModel):
-    """The MLflow client of the run's tracking store, or None when the run was not tracked."""
+    """The MLflow client of the run's tracking store; None when the run was not tracked or its
+    store no longer has it (moved run directory): the export still works, without metrics."""
     if not model.config.tracking.enabled or not model.run_id:
         return None
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from pretrain.tracking.mlflow_tracker import resolve_tracking_uri
 
     uri = resolve_tracking_uri(model.config.tracking.uri, model.config.run.output_dir)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    missing = f"[dlm] MLflow run {model.run_id} not found in {uri}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        print(f"{missing} (no such file): no metrics in the model card, nothing registered")
+        return None  # opening it would create an empty store as a side effect
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.get_run(model.run_id)
+    except MlflowException as exc:
+        reason = str(exc).splitlines()[0]
+        print(f"{missing} ({reason}): no metrics in the model card, nothing registered")
+        return None
+    return client
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:

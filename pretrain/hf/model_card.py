@@ -1,7 +1,7 @@
 """The model card (README.md) of an exported model: what it is, how to load it, how it was trained.
 
 Final metrics come from the run's MLflow store (latest value of every metric); when the run was
-not tracked the card says so instead of inventing numbers.
+not tracked or its store is gone, the card says so instead of inventing numbers.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def write_model_card(out: Path, model, metrics: dict[str, float] | None, config:
         rows = "\n".join(f"| `{k}` | {v:.6g} |" for k, v in metrics.items())
         table = f"From MLflow run `{model.run_id}`:\n\n| metric | value |\n|---|---|\n{rows}"
     else:
-        table = "Not available: the run was not tracked with MLflow."
+        table = "Not available: no MLflow run was found for this checkpoint."
     card = CARD_TEMPLATE.format(
         name=model.config.run.name,
         checkpoint=model.path.name,
