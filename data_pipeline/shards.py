@@ -42,7 +42,7 @@ def _fetch(location: str, listed: str) -> bytes:
             raise DataError(f"{location}: shard is missing; {listed}")
         return path.read_bytes()
     try:
-        with gopen(location, "rb") as stream:
+        with gopen(location, "rb", bufsize=1 << 20) as stream:  # 8 KiB default: 4x slower
             return stream.read()
     except Exception as exc:  # a pipe's non-zero exit status, an unknown scheme, a network error
         detail = " ".join(str(exc).split()) or type(exc).__name__
