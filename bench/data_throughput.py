@@ -36,22 +36,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_pipeline.build import write_shards  # noqa: E402
+from data_pipeline.build import tokenizer_info, write_shards  # noqa: E402
 from data_pipeline.loader import LoaderStream  # noqa: E402
 from data_pipeline.manifest import (  # noqa: E402
     FORMAT_VERSION,
     Manifest,
     Sources,
-    TokenizerInfo,
     dtype_for_vocab,
 )
 from data_pipeline.mixing import Source  # noqa: E402
-from data_pipeline.tokenizer import (  # noqa: E402
-    TOKENIZER_FILE,
-    prepare_special_tokens,
-    tokenizer_sha256,
-    train_bpe,
-)
+from data_pipeline.tokenizer import TOKENIZER_FILE, prepare_special_tokens, train_bpe  # noqa: E402
 
 GOAL = 1.2e6  # tokens/s: 20x one H100 training the 1B DLM (~60k tokens/s)
 
@@ -94,15 +88,7 @@ def build_synthetic(out: Path, *, seq: int, shards: int, per_shard: int, seed: i
         format_version=FORMAT_VERSION,
         seq_len=seq,
         dtype=dtype,
-        tokenizer=TokenizerInfo(
-            file=TOKENIZER_FILE,
-            sha256=tokenizer_sha256(tok),
-            vocab_size=vocab,
-            mask_token=special.mask_token,
-            mask_id=special.mask_id,
-            eos_token=special.eos_token,
-            eos_id=special.eos_id,
-        ),
+        tokenizer=tokenizer_info(tok, special),
         splits={"train": infos},
         sources=Sources(inputs=[], embedded_documents=0, seed=seed, val_fraction=0.0),
     ).save(out)

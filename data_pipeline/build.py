@@ -39,6 +39,7 @@ from data_pipeline.manifest import (
 )
 from data_pipeline.tokenizer import (
     TOKENIZER_FILE,
+    SpecialTokens,
     load_tokenizer,
     prepare_special_tokens,
     tokenizer_sha256,
@@ -273,15 +274,7 @@ def build_dataset(
             format_version=FORMAT_VERSION,
             seq_len=seq_len,
             dtype=dtype,
-            tokenizer=TokenizerInfo(
-                file=TOKENIZER_FILE,
-                sha256=tokenizer_sha256(tok),
-                vocab_size=vocab,
-                mask_token=special.mask_token,
-                mask_id=special.mask_id,
-                eos_token=special.eos_token,
-                eos_id=special.eos_id,
-            ),
+            tokenizer=tokenizer_info(tok, special),
             splits=splits,
             sources=Sources(
                 inputs=sources,
@@ -305,6 +298,19 @@ def build_dataset(
         + ")"
     )
     return manifest
+
+
+def tokenizer_info(tok: Tokenizer, special: SpecialTokens) -> TokenizerInfo:
+    """The manifest's record of ``tok`` as saved next to the shards (``tokenizer.json``)."""
+    return TokenizerInfo(
+        file=TOKENIZER_FILE,
+        sha256=tokenizer_sha256(tok),
+        vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        mask_token=special.mask_token,
+        mask_id=special.mask_id,
+        eos_token=special.eos_token,
+        eos_id=special.eos_id,
+    )
 
 
 def _encode(tok: Tokenizer, texts: list[str], *, progress: bool = False) -> list[np.ndarray]:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.manifest import MANIFEST_FILE, Manifest
+from data_pipeline.manifest import Manifest
 from data_pipeline.mixing import permutation
+from data_pipeline.reader import open_split
 from data_pipeline.shards import read_shard
 from data_pipeline.tokenizer import load_tokenizer
-from pretrain.errors import ConfigError, DataError
+from pretrain.errors import ConfigError
 
 
 @dataclass
@@ -68,13 +69,7 @@ def inspect_dataset(
     out: Callable[[str], object] = print,
 ) -> dict[str, SplitStats]:
     """Print the summary, ``samples`` decoded blocks of ``split`` and the ``top`` tokens."""
-    data_dir = Path(data_dir)
-    manifest = Manifest.load(data_dir)
-    if split not in manifest.splits:
-        raise DataError(
-            f"{data_dir / MANIFEST_FILE}: has no split '{split}'; splits: "
-            f"{', '.join(manifest.splits)}"
-        )
+    data_dir, manifest, _ = open_split(data_dir, split)
     tok = load_tokenizer(data_dir / manifest.tokenizer.file)
     t = manifest.tokenizer
     out(f"dataset {data_dir}: seq_len {manifest.seq_len}, {manifest.dtype}")

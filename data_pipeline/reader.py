@@ -108,7 +108,8 @@ class _ShardCache:
         return self._blocks
 
 
-def _open_manifest(data_dir: str | Path, split: str) -> tuple[Path, Manifest, int]:
+def open_split(data_dir: str | Path, split: str) -> tuple[Path, Manifest, int]:
+    """Load ``data_dir``'s manifest; check that ``split`` exists and is not empty."""
     data_dir = Path(data_dir)
     manifest = Manifest.load(data_dir)
     if split not in manifest.splits:
@@ -126,7 +127,7 @@ class _SourceReader:
     """One source's manifest, order and shard cache."""
 
     def __init__(self, src: Source, split: str, seed: int, verify: bool, skip_bad: bool) -> None:
-        self.data_dir, self.manifest, self.num_samples = _open_manifest(src.path, split)
+        self.data_dir, self.manifest, self.num_samples = open_split(src.path, split)
         self.shard_url = src.shard_url
         counts = [s.num_samples for s in self.manifest.splits[split]]
         where = str(self.data_dir / MANIFEST_FILE)
@@ -267,16 +268,18 @@ class TokenBlockStream(Iterator[torch.Tensor]):
         pos, src, item = self._plan()
         mine = slice(self.dp_rank * self.batch_size, (self.dp_rank + 1) * self.batch_size)
         rows = [self._sources[s].block(int(k)) for s, k in zip(src[mine], item[mine], strict=True)]
-        tokens = torch.from_numpy(np.stack(rows).astype(np.int64))  # [b, L]
-        lengths = torch.from_numpy(self._lengths(pos[mine]))
-        keep = torch.arange(self.seq_len)[None, :] < lengths[:, None]  # [b, L]
+        tokens = np.stack(rows).astype(np.int64)  # [b, L]
+        lengths = self._lengths(pos[mine])  # [b]
+        keep = np.arange(self.seq_len)[None, :] < lengths[:, None]  # [b, L]
         eos = self.manifest.tokenizer.eos_id
+        for row in np.flatnonzero(lengths < self.seq_len):  # only the few truncated rows
+            tokens[row, lengths[row] :] = eos
         # Advance only after a successful read, so a DataError leaves the state untouched.
         self._advance(src)
         return TokenBatch(
-            tokens=torch.where(keep, tokens, eos),
-            loss_mask=keep,
-            lengths=lengths,
+            tokens=torch.from_numpy(tokens),
+            loss_mask=torch.from_numpy(keep),
+            lengths=torch.from_numpy(lengths),
             eos_id=eos,
             skipped_shards=self.skipped_shards,
         )
@@ -405,7 +408,7 @@ def eval_batches(
     _check_layout(batch_size, dp_rank, dp_size)
     if num_batches < 0:
         raise ConfigError(f"num_batches is {num_batches}; expected a non-negative integer")
-    data_dir, manifest, n = _open_manifest(data_dir, split)
+    data_dir, manifest, n = open_split(data_dir, split)
     for k in check_present(data_dir, manifest, split, shard_url):
         name = shard_location(data_dir, manifest.splits[split][k].name, shard_url)
         raise DataError(f"{name}: shard is missing; listed in {data_dir / MANIFEST_FILE}")

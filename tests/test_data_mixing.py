@@ -10,7 +10,6 @@ import json
 import logging
 import random
 import shutil
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from test_data_reader import rows_of
+from test_data_reader import stored_rows as reader_stored_rows
 
 from data_pipeline.build import build_dataset
 from data_pipeline.loader import LoaderStream
@@ -37,18 +38,7 @@ def _docs(words: list[str], n: int, seed: int) -> list[str]:
 
 
 def stored_rows(out: Path, split: str = "train") -> list[tuple[int, ...]]:
-    m = Manifest.load(out)
-    rows = []
-    for s in m.splits[split]:
-        with tarfile.open(out / s.name) as tf:
-            for member in tf.getmembers():
-                data = tf.extractfile(member).read()
-                rows.append(tuple(np.frombuffer(data, dtype="<u2").tolist()))
-    return rows
-
-
-def rows_of(batches) -> list[tuple[int, ...]]:
-    return [tuple(r) for b in batches for r in b.tolist()]
+    return reader_stored_rows(out, Manifest.load(out), split)
 
 
 @pytest.fixture(scope="module")
