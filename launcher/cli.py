@@ -111,25 +111,25 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    from pretrain.hf.export import add_export_arguments
+    from pretrain.hf.commands import add_export_arguments
 
     add_export_arguments(parser)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from pretrain.hf.export import run_export
+    from pretrain.hf.commands import run_export
 
     return run_export(args)
 
 
 def _add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    from pretrain.hf.import_ar import add_import_arguments
+    from pretrain.hf.commands import add_import_arguments
 
     add_import_arguments(parser)
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from pretrain.hf.import_ar import run_import
+    from pretrain.hf.commands import run_import
 
     return run_import(args)
 

@@ -14,7 +14,6 @@ the directory is logged as an artifact of its MLflow run and registered as a mod
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -206,45 +205,3 @@ def tracking_client(model: TrainedModel):
         print(f"{missing} ({reason}): no metrics in the model card, nothing registered")
         return None
     return client
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a complete checkpoint directory (step_XXXXXXXX)")
-    parser.add_argument("out_dir", help="Hugging Face model directory to write")
-    parser.add_argument(
-        "--data",
-        metavar="DIR",
-        help="dataset directory with the tokenizer and manifest (default: the config's data.path)",
-    )
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument(
-        "--max-shard-size",
-        default="5GB",
-        help="split the weights into files of at most this size (default 5GB)",
-    )
-    parser.add_argument(
-        "--no-register",
-        action="store_true",
-        help="do not log/register the export in the run's MLflow store",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-    parser.add_argument(
-        "--registered-name", help="MLflow registered model name (default: run name)"
-    )
-
-
-def run_export(args: argparse.Namespace) -> int:
-    out = export_checkpoint(
-        args.checkpoint,
-        args.out_dir,
-        data_dir=args.data,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        register=not args.no_register,
-        registered_name=args.registered_name,
-        overwrite=args.overwrite,
-    )
-    print(
-        f"wrote {out} (load with AutoModelForMaskedLM.from_pretrained(..., trust_remote_code=True))"
-    )
-    return 0

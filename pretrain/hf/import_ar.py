@@ -19,7 +19,6 @@ with `CheckpointReader` + `load_weights` in any tensor-parallel layout, and expo
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections.abc import Callable
@@ -236,15 +235,3 @@ def _write(out: Path, staging: Path, hf_dir: Path, model, canonical, tok, specia
     ).save(staging)
     seal(staging, out, 0, to_yaml(config))  # replaces an existing `out` only once complete
     return out
-
-
-def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("hf_dir", help="Hugging Face causal LM directory (Llama / Qwen2 style)")
-    parser.add_argument("out_dir", help="checkpoint directory to write (weights only)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-
-
-def run_import(args: argparse.Namespace) -> int:
-    out = import_causal_lm(args.hf_dir, args.out_dir, overwrite=args.overwrite)
-    print(f"wrote {out} (weights-only checkpoint; model config in {out / 'config.yaml'})")
-    return 0
