@@ -8,6 +8,7 @@ which is what makes a checkpoint loadable at another data-parallel size.
     ZeRO 1/2, bf16 (any stage)  DeepSpeed's fragment API (`safe_get/set_full_*`), collective over DP
     ZeRO 3                      the same for reading; writing goes through `_z3_set` (below)
     ZeRO 0, fp32                the parameter itself and the torch optimizer's per-param state
+    optim.master_weights=fused  the optimizer's per-param state, which holds the fp32 `master`
 
 Verified bit-exact: capture after N steps, restore into a fresh engine, and the next steps' losses
 equal an uninterrupted run for ZeRO 0-3 (tests/test_parallel.py).
@@ -54,7 +55,7 @@ def get_param_state(ds, param) -> dict[str, torch.Tensor]:
     state = inner_optimizer(ds).state.get(param, {})
     zeros = torch.zeros_like(param, dtype=torch.float32)
     return {
-        "param": param.detach().float(),
+        "param": state["master"].clone() if "master" in state else param.detach().float(),
         "exp_avg": state.get("exp_avg", zeros).float(),
         "exp_avg_sq": state.get("exp_avg_sq", zeros).float(),
     }
@@ -106,9 +107,11 @@ def set_param_state(ds, param, values: dict[str, torch.Tensor]) -> None:
         safe_set_full_optimizer_state(param, values["exp_avg"], "exp_avg")
         safe_set_full_optimizer_state(param, values["exp_avg_sq"], "exp_avg_sq")
     else:
+        state = inner_optimizer(ds).state[param]
         with torch.no_grad():
             param.copy_(values["param"])
-        state = inner_optimizer(ds).state[param]
+            if "master" in state:
+                state["master"].copy_(values["param"])
         state["exp_avg"].copy_(values["exp_avg"])
         state["exp_avg_sq"].copy_(values["exp_avg_sq"])
 

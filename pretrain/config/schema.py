@@ -196,6 +196,10 @@ class OptimConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
+    master_weights: Literal["deepspeed", "fused"] = "deepspeed"
+    """Who keeps the fp32 master weights of bf16 training: DeepSpeed's bf16/ZeRO optimizer, or
+    `fused`: our multi-tensor AdamW (fp32 gradient accumulation, one flat all-reduce, no host
+    sync in the step). `fused` needs parallel.zero_stage=0 and parallel.pipeline_parallel=1."""
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -261,6 +265,14 @@ class Config:
     def validate(self) -> None:
         for section in (self.model, self.diffusion, self.train, self.optim, self.parallel):
             section.validate()
+        if self.optim.master_weights == "fused" and (
+            self.parallel.zero_stage or self.parallel.pipeline_parallel > 1
+        ):
+            raise ConfigError(
+                "optim.master_weights 'fused' keeps a whole optimizer state per replica: it needs "
+                f"parallel.zero_stage=0 (got {self.parallel.zero_stage}) and "
+                f"parallel.pipeline_parallel=1 (got {self.parallel.pipeline_parallel})"
+            )
         tp = self.parallel.tensor_parallel
         if self.model.num_attention_heads % tp:
             raise ConfigError(

@@ -29,6 +29,7 @@ from pretrain.model.transformer import (
     megatron_config,
     padded_vocab_size,
 )
+from pretrain.parallel.master_adamw import MasterWeightAdamW
 from pretrain.parallel.pipeline import (
     PipelineLoss,
     build_pipeline_module,
@@ -43,10 +44,13 @@ WeightLoader = Callable[[list[tuple[str, torch.nn.Parameter]]], None]
 
 
 def deepspeed_config(cfg: Config, rt: Runtime) -> dict:
+    # With our own master-weight optimizer DeepSpeed runs in plain mode around it: it neither
+    # keeps fp32 copies nor clips (the optimizer does both).
+    own_master = cfg.optim.master_weights == "fused"
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if own_master else cfg.optim.grad_clip,
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             # Overlap needs side streams: only where there is a GPU to overlap on.
@@ -56,7 +60,7 @@ def deepspeed_config(cfg: Config, rt: Runtime) -> dict:
             "allgather_bucket_size": cfg.parallel.bucket_size,
         },
         "bf16": {
-            "enabled": rt.dtype == torch.bfloat16,
+            "enabled": rt.dtype == torch.bfloat16 and not own_master,
             # ZeRO-0's bf16 optimizer: fold each gradient into its fp32 copy as it is produced
             "immediate_grad_update": True,
         },
@@ -92,6 +96,18 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, rt: Runtime) -> torch.
         {"params": decay, "weight_decay": cfg.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cfg.optim.master_weights == "fused":
+        from megatron.core import parallel_state
+
+        return MasterWeightAdamW(
+            groups,
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.adam_eps,
+            max_grad_norm=cfg.optim.grad_clip,
+            dp_group=parallel_state.get_data_parallel_group(),
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+        )
     return torch.optim.AdamW(
         groups,
         lr=cfg.optim.lr,
@@ -321,6 +337,8 @@ def build_engine(
         # refuses an mpu next to it; the plain engine takes Megatron's groups through the mpu.
         mpu=MegatronMPU() if rt.pp == 1 else None,
     )
+    if isinstance(optimizer, MasterWeightAdamW):
+        ds.enable_backward_allreduce = False  # the optimizer all-reduces its fp32 gradients
     kernels = attention_kernels(cfg, rt)
     if rt.pp == 1:
         # Under sequence parallelism each TP rank holds a slice of the sequence, which the
