@@ -218,9 +218,29 @@ def run_check(a) -> dict:
     }
 
 
+def host_syncs(step_fn) -> list[str]:
+    """Source locations of the operations that make the host wait for the GPU in one step."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step_fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = [
+        f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+    ]
+    return sorted(set(where), key=where.index)
+
+
 def measure(step_fn, a) -> dict:
     for _ in range(a.warmup):
         step_fn()
+    syncs = host_syncs(step_fn) if a.sync_debug else []
+    if syncs:
+        print("host syncs in a step: " + ", ".join(syncs), flush=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -233,6 +253,7 @@ def measure(step_fn, a) -> dict:
         "tokens_per_s": a.micro_batch * a.seq / elapsed,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "device_ms": profile(step_fn) if a.profile else {},
+        "host_syncs": syncs,
     }
 
 
@@ -288,6 +309,7 @@ def main() -> None:
     p.add_argument("--data", default=None, help="shard directory (built if missing)")
     p.add_argument("--documents", type=int, default=20000, help="demo documents if building")
     p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--sync-debug", action="store_true", help="list host syncs of one step")
     p.add_argument("--label", default="", help="name of this configuration in the table")
     p.add_argument("--out", default=None, help="append results as JSON lines here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -321,7 +343,8 @@ def main() -> None:
         if "error" in result:
             print(proc.stdout[-1500:], proc.stderr[-3000:], flush=True)
         else:  # the kernel list, and the host time to fetch and corrupt a batch
-            print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith("  ")))
+            keep = ("  ", "host syncs")
+            print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(keep)))
             if "data_ms" in result:
                 print(f"data: {result['data_ms']:.1f} ms per batch on the host", flush=True)
         rows.append(row(mode, result))
