@@ -82,9 +82,14 @@ def assert_logits_match(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_imported_llama_reproduces_causal_logits(runtime, tmp_path, tied):
+def test_imported_llama_reproduces_causal_logits(runtime, tmp_path, tied, monkeypatch):
+    from launcher.cli import main
+
     llama = save_llama(tmp_path / "llama", tokenizer=False, tied=tied)
-    ckpt = import_causal_lm(tmp_path / "llama", tmp_path / "ours")
+    monkeypatch.chdir(tmp_path)
+    assert main(["import", "llama"]) == 0  # default output: ./llama-dlm
+    ckpt = tmp_path / "llama-dlm"
+    assert (ckpt / "COMPLETE.json").is_file()
     cfg = yaml_config(ckpt)
     assert cfg.model.rope_base == 50000.0 and cfg.model.norm_eps == 1e-6
     assert cfg.model.num_query_groups == 2 and cfg.model.vocab_size == VOCAB + 1

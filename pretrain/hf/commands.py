@@ -4,6 +4,7 @@ heavy (every `dlm` call builds all parsers); the work modules load when a comman
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 DTYPE_CHOICES = ("bfloat16", "float32")
 
@@ -54,13 +55,18 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("hf_dir", help="Hugging Face causal LM directory (Llama / Qwen2 style)")
-    parser.add_argument("out_dir", help="checkpoint directory to write (weights only)")
+    parser.add_argument(
+        "out_dir",
+        nargs="?",
+        help="checkpoint directory to write (weights only; default: HF_DIR's name + '-dlm' here)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
 
 def run_import(args: argparse.Namespace) -> int:
     from pretrain.hf.import_ar import import_causal_lm
 
-    out = import_causal_lm(args.hf_dir, args.out_dir, overwrite=args.overwrite)
+    out_dir = args.out_dir or f"{Path(args.hf_dir).resolve().name}-dlm"
+    out = import_causal_lm(args.hf_dir, out_dir, overwrite=args.overwrite)
     print(f"wrote {out} (weights-only checkpoint; model config in {out / 'config.yaml'})")
     return 0
