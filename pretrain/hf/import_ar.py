@@ -82,8 +82,8 @@ def _rope(cfg: dict, where: Path) -> float:
     return float(theta)
 
 
-def model_config(cfg: dict, where: Path, vocab_size: int) -> ModelConfig:
-    """Our ModelConfig for a Llama-style `config.json` (vocab including the mask token)."""
+def check_architecture(cfg: dict, where: Path) -> None:
+    """A supported `model_type` whose extras (biases, sliding window, ...) we can represent."""
     model_type = cfg.get("model_type")
     if model_type not in ARCHITECTURES:
         raise CheckpointError(
@@ -91,6 +91,10 @@ def model_config(cfg: dict, where: Path, vocab_size: int) -> ModelConfig:
             f"not supported; expected one of {', '.join(ARCHITECTURES)} (Llama-style causal LMs)"
         )
     ARCHITECTURES[model_type].check(cfg, where)
+
+
+def model_config(cfg: dict, where: Path, vocab_size: int) -> ModelConfig:
+    """Our ModelConfig for a Llama-style `config.json` (vocab including the mask token)."""
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act '{cfg['hidden_act']}', expected silu (SwiGLU)")
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -176,7 +180,11 @@ def import_causal_lm(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool
 
 
 def _import(hf_dir: Path, where: Path, out: Path, staging: Path) -> Path:
-    cfg = json.loads(where.read_text())
+    try:
+        cfg = json.loads(where.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{where}: not valid JSON ({exc})") from None
+    check_architecture(cfg, where)
     vocab = int(cfg["vocab_size"])
     tok, mask_id, eos_token, eos_id = prepare_tokenizer(hf_dir, cfg, vocab)
     new_vocab = max(vocab, mask_id + 1)
