@@ -4,6 +4,8 @@
     dlm data inspect DIR                              counts, decoded samples, token histogram
     dlm train CONFIG [key.sub=value ...]              train (resumes the run's latest checkpoint)
     dlm plan CONFIG [--layout TPxPPxDP[:ZERO]] ...    per-GPU memory table for parallel layouts
+    dlm probe CKPT --prompts P.jsonl --out DIR        information-decay probe (JSON + PNG)
+    dlm generate CKPT --prompt TEXT ...               sample with the objective's own decoder
     dlm ckpt convert CKPT --out DIR --tp T --pp P     re-shard a checkpoint for another layout
     dlm export CKPT OUT_DIR [--dtype D]               checkpoint -> Hugging Face model directory
     dlm import HF_DIR OUT_DIR                         HF Llama/Qwen2 causal LM -> our weights
@@ -149,6 +151,16 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "train a diffusion LM from a YAML config (auto-resumes from the latest checkpoint)",
         _config_arguments,
         _run_train,
+    ),
+    ("probe",): (
+        "information-decay probe of a checkpoint: prompt + K masks -> entropy, p(eos), plot",
+        lambda p: __import__("pretrain.probe.cli").probe.cli.add_probe_arguments(p),
+        lambda a: __import__("pretrain.probe.cli").probe.cli.run_probe_command(a),
+    ),
+    ("generate",): (
+        "generate text from a checkpoint with the sampler matching its training objective",
+        lambda p: __import__("pretrain.probe.cli").probe.cli.add_generate_arguments(p),
+        lambda a: __import__("pretrain.probe.cli").probe.cli.run_generate_command(a),
     ),
     ("plan",): (
         "per-GPU memory of a config under parallel layouts (weights, grads, optimizer, activ.)",

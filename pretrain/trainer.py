@@ -24,6 +24,7 @@ from pretrain.diffusion.objective import build_objective
 from pretrain.errors import DataError
 from pretrain.parallel.engine import build_engine
 from pretrain.parallel.runtime import Runtime, init_runtime
+from pretrain.probe.hook import TrainingProbe
 from pretrain.tracking.mlflow_tracker import create_tracker
 
 
@@ -44,17 +45,21 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     data = TrainData(cfg, rt)
     mask_id = data.manifest.tokenizer.mask_id
-    objective = build_objective(cfg.diffusion, mask_id=mask_id)
+    objective = build_objective(cfg.diffusion, mask_id=mask_id, seq_len=cfg.data.seq_len)
     ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_last, rank=rt.rank)
     resume_from = ckpts.latest() if cfg.train.resume == "auto" else None
     reader = open_checkpoint(resume_from, num_layers=cfg.model.num_layers) if resume_from else None
+    init_from = cfg.train.init_from if not reader else None  # weights only, e.g. AR -> DLM
+    weights = reader or (
+        open_checkpoint(Path(init_from), num_layers=cfg.model.num_layers) if init_from else None
+    )
     engine = build_engine(
         cfg,
         rt,
         vocab_size=data.vocab_size,
         mask_token_id=mask_id,
         objective=objective,
-        load_weights=weight_loader(reader, tp_rank=rt.tp_rank, tp_size=rt.tp) if reader else None,
+        load_weights=weight_loader(weights, tp_rank=rt.tp_rank, tp_size=rt.tp) if weights else None,
     )
     start, state = 0, {}
     if reader:  # any layout can resume any checkpoint: tensors are re-sliced as needed
@@ -87,6 +92,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     )
 
     result = TrainResult(run_dir=run_dir, tracking_uri=tracker.uri, run_id=tracker.run_id)
+    probe = TrainingProbe.build(cfg, data, engine, rt, say)  # eval.probe_interval > 0
     end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
     accum = cfg.train.grad_accum_steps
     window: dict[str, float] = defaultdict(float)  # metric sums since the last log line
@@ -123,6 +129,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
                 result.evals[done] = evaluate(engine, objective, data, cfg, rt)
                 tracker.log_metrics(result.evals[done], step=done)
                 say(f"[dlm] step {done} eval " + _kv(result.evals[done]))
+            probe.maybe_run(done, tracker, say)
             if (cfg.train.checkpoint_interval and done % cfg.train.checkpoint_interval == 0) or (
                 done == end
             ):

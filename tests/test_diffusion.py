@@ -15,6 +15,8 @@ from pretrain.diffusion.schedules import SCHEDULES, build_schedule
 from pretrain.errors import ConfigError
 
 V, L, MASK = 50, 64, 50  # 50 real tokens, the mask token is id 50
+# the exact check holds for NELBO schedules only; the surrogate's failure is in test_schedules.py
+NELBO_SCHEDULES = sorted(n for n, cls in SCHEDULES.items() if cls.is_nelbo)
 
 
 def objective(schedule: str, normalization: str = "token_slot", antithetic: bool = True):
@@ -27,7 +29,7 @@ def objective(schedule: str, normalization: str = "token_slot", antithetic: bool
     )
 
 
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("schedule", NELBO_SCHEDULES)
 def test_uniform_predictor_loss_converges_to_L_log_V(schedule):
     """A model predicting uniformly over V tokens has CE = log V at every masked position, so the
     expected per-sequence loss is exactly L * log V; the Monte-Carlo mean must agree within 4
@@ -46,7 +48,7 @@ def test_uniform_predictor_loss_converges_to_L_log_V(schedule):
     assert abs(mean - exact) / exact < 0.02
 
 
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("schedule", NELBO_SCHEDULES)
 def test_window_normalised_weights_integrate_to_one(schedule):
     """Deterministic version of the check: E_q[1[masked]] = 1 - alpha(t), so the expected weight
     of one position is the integral of (1 - alpha) Z w over t ~ U(eps, 1), which must be 1."""

@@ -81,9 +81,11 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class DiffusionConfig:
     objective: str = "masked"
-    """Training objective (registry): `masked` = masked-diffusion NELBO (LLaDA/MDLM)."""
+    """Training objective (registry): `masked` = masked-diffusion NELBO (LLaDA/MDLM), `block` =
+    block diffusion (BD3-LM), `ar` = causal next-token LM, `ar_adapt` = AR->DLM adaptation."""
     schedule: str = "linear"
-    """Noise schedule alpha(t) (registry): `linear`, `cosine`, `loglinear`."""
+    """Noise schedule (registry): `linear`, `cosine`, `loglinear` (shared), `distance`, `block`
+    (per position), `frequency` (a content-dependent surrogate, not a NELBO)."""
     eps: float = 1e-3
     """t is drawn from U(eps, 1): keeps the 1/t-like weights finite."""
     antithetic: bool = True
@@ -91,9 +93,28 @@ class DiffusionConfig:
     loss_normalization: Literal["token_slot", "masked_token"] = "token_slot"
     """Divide the weighted loss by B*L token slots (LLaDA pretraining) or by the masked count."""
 
+    distance_strength: float = 2.0
+    """Knob gamma of the `distance` schedule (0 = uniform, larger = closer to left-to-right);
+    also the strength of the `frequency` surrogate."""
+    block_length: int = 16
+    """Tokens per block for the `block` schedule and the `block` objective."""
+    prefix_probability: float = 0.0
+    """Prefix conditioning: probability that a sequence keeps a random-length clean prefix,
+    excluded from the loss; position-aware schedules measure distances from its end."""
+    anneal_steps: int = 0
+    """`ar_adapt`: steps over which the attention mask anneals from causal to bidirectional."""
+    shift: bool = True
+    """`ar_adapt`: keep the AR one-token shift (hidden state i predicts token i+1)."""
+
     def validate(self) -> None:
         if not 0.0 <= self.eps < 1.0:
             raise ConfigError(f"diffusion.eps must be in [0, 1), got {self.eps}")
+        if not 0.0 <= self.prefix_probability <= 1.0:
+            raise ConfigError(
+                f"diffusion.prefix_probability must be in [0, 1], got {self.prefix_probability}"
+            )
+        if self.block_length <= 0 or self.anneal_steps < 0:
+            raise ConfigError("diffusion.block_length must be > 0 and diffusion.anneal_steps >= 0")
 
 
 @dataclass(kw_only=True)
@@ -170,6 +191,9 @@ class TrainConfig:
     """Complete checkpoints kept on disk; older ones are deleted after a successful save."""
     resume: Literal["auto", "never"] = "auto"
     """`auto` resumes from the run's latest complete checkpoint if there is one."""
+    init_from: str | None = None
+    """A checkpoint directory whose weights start a fresh run (no optimizer state, step 0), e.g.
+    a causal `ar` checkpoint for `ar_adapt`; ignored when the run resumes its own checkpoint."""
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "keep_last"):
@@ -244,6 +268,30 @@ class TrackingConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    probe_interval: int = 0
+    """Steps between information-decay probes (prompt + masks, one forward; 0 disables): the
+    profile plot and summary numbers and the distance-bucketed validation CE go to MLflow."""
+    probe_prompts: str | None = None
+    """jsonl file of probe prompts (`text` field); null takes validation sequences' starts."""
+    probe_prompt_count: int = 8
+    """Prompts taken from the validation split when `probe_prompts` is null."""
+    probe_prompt_tokens: int = 16
+    """Length of each validation prompt (tokens) when `probe_prompts` is null."""
+    probe_masks: int = 128
+    """Masks appended to each prompt (K)."""
+    frequent_tokens: int = 20
+    """Size of the high-frequency token set (most frequent ids in the validation data)."""
+
+    def validate(self) -> None:
+        for key in ("probe_interval", "probe_prompt_count", "probe_prompt_tokens"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
+        if self.probe_masks <= 0 or self.frequent_tokens <= 0:
+            raise ConfigError("eval.probe_masks and eval.frequent_tokens must be positive")
+
+
+@dataclass(kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """Where the run writes."""
@@ -261,10 +309,18 @@ class Config:
     """Parallel layout."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Diagnostics: the information-decay probe and distance-bucketed validation CE."""
 
     def validate(self) -> None:
         for section in (self.model, self.diffusion, self.train, self.optim, self.parallel):
             section.validate()
+        self.eval.validate()
+        if self.diffusion.objective != "masked" and self.parallel.pipeline_parallel > 1:
+            raise ConfigError(
+                f"diffusion.objective '{self.diffusion.objective}' needs attention masks, which "
+                "the pipeline engine does not carry: use parallel.pipeline_parallel=1"
+            )
         if self.optim.master_weights == "fused" and (
             self.parallel.zero_stage or self.parallel.pipeline_parallel > 1
         ):

@@ -33,6 +33,8 @@ class DiffusionBatch:
     """[b]: diffusion time per sequence."""
     attention_mask: torch.Tensor | None = None
     """None (bidirectional) or bool [b|1, 1, s, s], True = may attend."""
+    position_ids: torch.Tensor | None = None
+    """None (0..s-1) or long [s]: RoPE positions shared by the batch (block diffusion)."""
 
 
 # Explicit normalisation (DESIGN.md sec. 3): the metric name says which one produced the loss.
@@ -45,6 +47,18 @@ NORMALIZATIONS: dict[str, tuple[str, Callable[[torch.Tensor, DiffusionBatch], to
         lambda s, b: s / b.masked.sum().clamp(min=1),
     ),
 }
+
+
+def context_distance(visible: torch.Tensor | None, x0: torch.Tensor) -> torch.Tensor:
+    """Distance d_i [b, s] (float64) from the visible context before position i: the number of
+    positions between i and the last visible position before it (0 right after a prefix); i
+    itself when nothing before it is visible."""
+    b, s = x0.shape
+    index = torch.arange(s, device=x0.device).expand(b, s)
+    if visible is None:
+        return index.double()
+    last = torch.where(visible, index, -1).cummax(dim=1).values  # last visible at or before i
+    return (index - last - 1).clamp(min=0).double()
 
 
 class MaskedDiffusion:
@@ -65,8 +79,10 @@ class MaskedDiffusion:
         eps: float,
         antithetic: bool,
         normalization: str,
+        prefix_probability: float = 0.0,
     ):
         self.schedule = schedule
+        self.prefix_probability = prefix_probability
         self.mask_id = mask_id
         self.eps = eps
         self.antithetic = antithetic
@@ -87,10 +103,36 @@ class MaskedDiffusion:
             )
         )
 
-    def prepare(self, x0: torch.Tensor, key: CorruptionKey) -> DiffusionBatch:
-        """Corrupt a training micro-batch x0 [b, s] at the times the key assigns it."""
+    def prepare(
+        self, x0: torch.Tensor, key: CorruptionKey, loss_mask: torch.Tensor | None = None
+    ) -> DiffusionBatch:
+        """Corrupt a training micro-batch x0 [b, s] at the times the key assigns it.
+
+        `loss_mask` [b, s] bool (None: every position eligible): positions where it is False (an
+        SFT prompt, padding) stay clean, are never targets, and count as visible context for
+        position-aware schedules. With `prefix_probability` > 0, a keyed random-length prefix of
+        a sequence also stays clean and out of the loss (prefix conditioning, DESIGN.md sec. 4).
+        """
         t = sample_times(x0.shape[0], key, eps=self.eps, antithetic=self.antithetic)
-        return self._corrupt(x0, t, key.row_generators(x0.shape[0], "mask"))
+        visible = self._prefix(x0, key)
+        if loss_mask is not None:
+            hidden_from_loss = ~loss_mask.to(device=x0.device, dtype=torch.bool)
+            visible = hidden_from_loss if visible is None else visible | hidden_from_loss
+        return self._corrupt(x0, t, key.row_generators(x0.shape[0], "mask"), visible)
+
+    def _prefix(self, x0: torch.Tensor, key: CorruptionKey) -> torch.Tensor | None:
+        """bool [b, s]: a clean prefix of length U{1..s-1} with probability `prefix_probability`
+        per sequence (keyed like the masks, so every layout draws the same prefixes)."""
+        if self.prefix_probability <= 0:
+            return None
+        b, s = x0.shape
+        lengths = []
+        for g in key.row_generators(b, "prefix"):
+            keep = torch.rand(1, generator=g).item() < self.prefix_probability
+            length = int(torch.randint(1, s, (1,), generator=g)) if keep and s > 1 else 0
+            lengths.append(length)
+        lengths = torch.tensor(lengths, device=x0.device)[:, None]
+        return torch.arange(s, device=x0.device)[None] < lengths
 
     def prepare_eval(self, x0: torch.Tensor, key: CorruptionKey) -> DiffusionBatch:
         """Validation corruption: a fixed t-grid over the whole validation set and fixed masks.
@@ -104,11 +146,23 @@ class MaskedDiffusion:
         t = (self.eps + (1.0 - self.eps) * (j + 0.5) / key.total(b)).float()
         return self._corrupt(x0, t, key.row_generators(b, "eval-mask"))
 
-    def _corrupt(self, x0, t, generators) -> DiffusionBatch:
-        alpha = self.schedule.alpha(t)[:, None]  # [b, 1]
-        x_t, masked = mask_tokens(x0, alpha, self.mask_id, generators)
-        weight = (self.z * self.schedule.weight(t))[:, None].to(x0.device)  # [b, 1]
-        loss_weights = masked.float() * weight
+    def _corrupt(self, x0, t, generators, visible=None) -> DiffusionBatch:
+        sched = self.schedule
+        if visible is None and not sched.position_aware and sched.is_nelbo:
+            # shared schedule, nothing visible: one alpha and one weight per sequence
+            alpha = sched.alpha(t)[:, None]  # [b, 1]
+            x_t, masked = mask_tokens(x0, alpha, self.mask_id, generators)
+            weight = (self.z * sched.weight(t))[:, None].to(x0.device)  # [b, 1]
+            loss_weights = masked.float() * weight
+            return DiffusionBatch(x_t, x0, loss_weights, masked, t.to(x0.device))
+        distance = context_distance(visible, x0)  # [b, s]
+        tt = t.to(x0.device, torch.float64)[:, None]  # [b, 1]
+        alpha = sched.alpha(tt, distance, x0).expand(x0.shape)  # [b, s]
+        maskable = None if visible is None else ~visible
+        x_t, masked = mask_tokens(x0, alpha.float(), self.mask_id, generators, maskable)
+        weight = sched.loss_weight(tt, self.eps, distance, x0)
+        # where() not a product: a weight may be 0/0 where a position cannot be masked
+        loss_weights = torch.where(masked, weight, 0.0).float()
         return DiffusionBatch(x_t, x0, loss_weights, masked, t.to(x0.device))
 
     def loss(self, ce: torch.Tensor, batch: DiffusionBatch) -> tuple[torch.Tensor, dict]:
@@ -128,6 +182,17 @@ class MaskedDiffusion:
         }
         return loss, metrics
 
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig, *, mask_id: int, seq_len: int):
+        return cls(
+            build_schedule(cfg.schedule, cfg, horizon=seq_len),
+            mask_id=mask_id,
+            eps=cfg.eps,
+            antithetic=cfg.antithetic,
+            normalization=cfg.loss_normalization,
+            prefix_probability=cfg.prefix_probability,
+        )
+
     @staticmethod
     def summarize(means: dict[str, float]) -> dict[str, float]:
         """Add ratios to averaged metrics: `ce_masked`, the mean CE per masked token."""
@@ -136,19 +201,23 @@ class MaskedDiffusion:
         return out
 
 
-OBJECTIVES = {"masked": MaskedDiffusion}
+OBJECTIVES: dict[str, type] = {"masked": MaskedDiffusion}
 
 
-def build_objective(cfg: DiffusionConfig, *, mask_id: int) -> MaskedDiffusion:
+def register_objective(cls: type) -> type:
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def build_objective(cfg: DiffusionConfig, *, mask_id: int, seq_len: int = 128):
+    """The configured objective; `seq_len` is the horizon position-aware schedules measure
+    distances against."""
+    import pretrain.diffusion.ar_adapt  # noqa: F401  (registers `ar`, `ar_adapt`)
+    import pretrain.diffusion.block  # noqa: F401  (registers `block`)
+
     if cfg.objective not in OBJECTIVES:
         raise ConfigError(
             f"diffusion.objective: unknown objective '{cfg.objective}' "
             f"(expected one of: {', '.join(OBJECTIVES)})"
         )
-    return OBJECTIVES[cfg.objective](
-        build_schedule(cfg.schedule),
-        mask_id=mask_id,
-        eps=cfg.eps,
-        antithetic=cfg.antithetic,
-        normalization=cfg.loss_normalization,
-    )
+    return OBJECTIVES[cfg.objective].from_config(cfg, mask_id=mask_id, seq_len=seq_len)

@@ -115,6 +115,82 @@ def flash_attention(q, k, v, *, mask=None, scale=None, dropout_p=0.0):
     return out.transpose(1, 2)
 
 
+def _flex_available() -> str | None:
+    if not torch.cuda.is_available():
+        return "FlexAttention is compiled for CUDA here; on CPU use 'sdpa' or 'masked'"
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return "this torch has no torch.nn.attention.flex_attention"
+    return None
+
+
+_FLEX_CACHE: dict = {}
+
+
+@register_attention("flex", supports_mask=True, available=_flex_available)
+def flex_attention_backend(q, k, v, *, mask=None, scale=None, dropout_p=0.0):
+    """FlexAttention (GPU): block-sparse kernels that skip fully masked tiles, so the
+    block-diffusion mask over [x_t ; x0] costs about what its allowed pairs cost. The bool mask is
+    turned into a BlockMask once per distinct mask tensor and kept (masks are static per config).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if dropout_p:
+        raise ConfigError("model.attention_backend 'flex' does not support attention dropout")
+    block_mask = None
+    if mask is not None:
+        dense = mask.reshape(mask.shape[-2], mask.shape[-1]) if mask.shape[0] == 1 else None
+        if dense is None:
+            raise ConfigError("'flex' takes one mask shared by the batch ([1, 1, s, s])")
+        cache_key = (dense.data_ptr(), dense.shape, q.device)
+        if cache_key not in _FLEX_CACHE:
+            _FLEX_CACHE.clear()
+            _FLEX_CACHE[cache_key] = create_block_mask(
+                lambda b, h, qi, ki: dense[qi, ki], None, None, *dense.shape, device=q.device
+            )
+        block_mask = _FLEX_CACHE[cache_key]
+    return flex_attention(
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+# Masks of the hybrid objectives (True = may attend); all [s_q, s_k] bool, built once per shape.
+
+
+def causal_mask(s: int, device=None) -> torch.Tensor:
+    """[s, s]: position i attends j <= i (autoregressive)."""
+    return torch.ones(s, s, dtype=torch.bool, device=device).tril()
+
+
+def block_causal_mask(s: int, block: int, device=None) -> torch.Tensor:
+    """[s, s]: i attends j iff block(j) <= block(i), block(i) = i // block. What a block-diffusion
+    model sees at generation: the current (noisy) block and the clean blocks before it."""
+    ids = torch.arange(s, device=device) // block
+    return ids[None, :] <= ids[:, None]
+
+
+def block_diffusion_mask(length: int, block: int, device=None) -> torch.Tensor:
+    """[2L, 2L] for the vectorised block-diffusion input [x_t ; x0] (BD3-LM):
+
+        M = M_BD | M_OBC | M_BC, with b(i) the block of position i within its half:
+        M_BD  (noisy -> noisy): b(i) == b(j)   a noisy block sees itself (bidirectionally);
+        M_OBC (noisy -> clean): b(j) <  b(i)   and the clean blocks before it;
+        M_BC  (clean -> clean): b(j) <= b(i)   clean tokens see clean blocks causally.
+    Clean tokens never see noisy ones, so the x0 half computes exactly the context a per-block
+    forward pass would.
+    """
+    ids = torch.arange(2 * length, device=device)
+    noisy = ids < length
+    blk = (ids % length) // block
+    qn, kn = noisy[:, None], noisy[None, :]
+    qb, kb = blk[:, None], blk[None, :]
+    m_bd = qn & kn & (qb == kb)
+    m_obc = qn & ~kn & (kb < qb)
+    m_bc = ~qn & ~kn & (kb <= qb)
+    return m_bd | m_obc | m_bc
+
+
 class CoreAttention(MegatronModule):
     """The `core_attention` submodule of Megatron-core's `SelfAttention`, backed by the registry.
 

@@ -232,15 +232,20 @@ class DLMTransformer(torch.nn.Module):
         attention_mask: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         loss_positions: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [b, s] -> per-token CE [b, s] if `targets` is given, else logits [b, s, V/tp].
 
         `attention_mask`: None (bidirectional) or bool, broadcastable to [b, heads, s, s], True
         where attention is allowed. `loss_positions` (bool [b, s], with `targets`): compute the
         CE only there (0 elsewhere), skipping the output layer at every other position.
+        `position_ids` ([s] long, shared by the batch; None = 0..s-1): RoPE positions, e.g. the
+        two copies 0..L-1 of block diffusion's [x_t ; x0].
         """
         hidden = self.embedding(tokens)  # [s, b, h]
         rope = self.rotary(tokens.shape[1])
+        if position_ids is not None:
+            rope = self.rotary(int(position_ids.max()) + 1)[position_ids]  # [s, 1, 1, d]
         for layer in self.layers:
             hidden = self._run_layer(layer, hidden, attention_mask, rope)
         if targets is not None and loss_positions is not None:

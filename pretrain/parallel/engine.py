@@ -210,6 +210,7 @@ class DataParallelEngine(Engine):
                 targets=batch.targets,
                 attention_mask=batch.attention_mask,
                 loss_positions=batch.masked if self.sparse_output else None,
+                position_ids=batch.position_ids,
             )
         loss, metrics = self.objective.loss(ce, batch)
         return loss, {"loss": loss.detach(), **metrics}

@@ -1,0 +1,134 @@
+"""Running the probe and the distance-bucketed CE from a trained model: during training (every
+`eval.probe_interval` steps, logged to MLflow) and from a checkpoint (`dlm probe`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pretrain.errors import DataError
+from pretrain.probe.buckets import distance_bucketed_ce
+from pretrain.probe.probe import frequent_token_ids, run_probe, write_probe
+
+
+def read_prompts(path: str | Path, tokenizer, *, field: str = "text") -> list[torch.Tensor]:
+    """A jsonl file with one prompt per line under `field` -> token ids (1-D long tensors)."""
+    prompts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)[field]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}:{n}: expected a JSON object with a string '{field}'") from None
+        ids = tokenizer.encode(text).ids
+        if not ids:
+            raise DataError(f"{path}:{n}: prompt '{text[:40]}' encodes to no tokens")
+        prompts.append(torch.tensor(ids, dtype=torch.long))
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts
+
+
+def val_prompts(val: list[torch.Tensor], count: int, length: int) -> list[torch.Tensor]:
+    """The first `length` tokens of the first `count` validation sequences."""
+    rows = torch.cat(val)[:count] if val else torch.empty(0, length, dtype=torch.long)
+    return [r[:length].clone() for r in rows]
+
+
+class ModelProbe:
+    """Probe + bucketed CE of one model on fixed prompts, frequent tokens and validation data."""
+
+    def __init__(self, module, *, mask_id, eos_id, prompts, frequent_ids, val, num_masks):
+        self.module = module
+        self.mask_id, self.eos_id = mask_id, eos_id
+        self.prompts, self.frequent_ids, self.val = prompts, frequent_ids, val
+        self.num_masks = num_masks
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        device = next(self.module.parameters()).device
+        return self.module(x.to(device))
+
+    def _ce(self, x_t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        device = next(self.module.parameters()).device
+        return self.module(x_t.to(device), targets=x0.to(device))
+
+    @torch.no_grad()
+    def run(self, out_dir: Path, *, name: str = "probe") -> tuple[dict, Path, Path]:
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            result = run_probe(
+                self._logits,
+                self.prompts,
+                mask_id=self.mask_id,
+                eos_id=self.eos_id,
+                frequent_ids=self.frequent_ids,
+                num_masks=self.num_masks,
+            )
+            buckets = (
+                distance_bucketed_ce(self._ce, self.val, mask_id=self.mask_id) if self.val else {}
+            )
+        finally:
+            self.module.train(was_training)
+        json_path, png = write_probe(result, out_dir, name=name)
+        data = json.loads(json_path.read_text())
+        data["distance_bucketed_ce"] = buckets
+        json_path.write_text(json.dumps(data))
+        metrics = dict(result.summary())
+        for label, row in buckets.items():
+            metrics[f"val/ce_dist_{label}"] = row["ce"]
+        return metrics, json_path, png
+
+
+class TrainingProbe:
+    """The trainer's hook: `maybe_run(step, tracker, say)` every `eval.probe_interval` steps."""
+
+    def __init__(self, probe: ModelProbe | None, interval: int, out_dir: Path, is_main: bool):
+        self.probe, self.interval, self.out_dir, self.is_main = probe, interval, out_dir, is_main
+
+    @classmethod
+    def build(cls, cfg, data, engine, rt, say=print) -> TrainingProbe:
+        interval = cfg.eval.probe_interval
+        if not interval:
+            return cls(None, 0, Path(), rt.is_main)
+        if rt.tp > 1 or rt.pp > 1 or cfg.parallel.zero_stage == 3:
+            # the probe runs the whole model on each rank: not with sharded weights
+            say("[dlm] eval.probe_interval: probe skipped for tp/pp > 1 or ZeRO-3 layouts")
+            return cls(None, 0, Path(), rt.is_main)
+        tok = data.manifest.tokenizer
+        if cfg.eval.probe_prompts:
+            from data_pipeline.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(Path(cfg.data.path) / tok.file)
+            prompts = read_prompts(cfg.eval.probe_prompts, tokenizer)
+        else:
+            prompts = val_prompts(
+                data.val, cfg.eval.probe_prompt_count, cfg.eval.probe_prompt_tokens
+            )
+        if not prompts:
+            raise DataError(f"{cfg.data.path}: eval.probe_interval needs a 'val' split for prompts")
+        frequent = frequent_token_ids(data.val or prompts, cfg.eval.frequent_tokens, (tok.mask_id,))
+        probe = ModelProbe(
+            engine.ds.module,
+            mask_id=tok.mask_id,
+            eos_id=tok.eos_id,
+            prompts=prompts,
+            frequent_ids=frequent,
+            val=data.val,
+            num_masks=cfg.eval.probe_masks,
+        )
+        return cls(probe, interval, Path(cfg.run.output_dir) / cfg.run.name / "probe", rt.is_main)
+
+    def maybe_run(self, step: int, tracker, say) -> dict[str, float]:
+        if self.probe is None or step % self.interval:
+            return {}
+        metrics, json_path, png = self.probe.run(self.out_dir, name=f"probe_step_{step:08d}")
+        if self.is_main:
+            tracker.log_metrics(metrics, step=step)
+            tracker.log_artifact(png)
+            tracker.log_artifact(json_path)
+            say(f"[dlm] step {step} probe " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        return metrics
