@@ -116,7 +116,7 @@ def build_ours(a, compile_layers: bool):
     rt = init_runtime(cfg)
     data = TrainData(cfg, rt)
     mask_id = data.manifest.tokenizer.mask_id
-    objective = build_objective(cfg.diffusion, mask_id=mask_id)
+    objective = build_objective(cfg.diffusion, mask_id=mask_id, seq_len=cfg.data.seq_len)
     engine = build_engine(
         cfg, rt, vocab_size=data.vocab_size, mask_token_id=mask_id, objective=objective
     )
@@ -145,9 +145,14 @@ def run_ours(a, compile_layers: bool) -> dict:
     result["data_ms"] = (time.perf_counter() - t0) / 10 * 1e3
     fraction = sum(masked) / len(masked) if cfg.model.sparse_output else 1.0
     padded = engine.ds.module.padded_vocab
+    # Block diffusion runs the model on [x_t ; x0]: 2L positions per L data tokens, attention
+    # counted in full over 2L (its block mask skips about half of it); the head runs on x_t only.
+    copies = 2 if cfg.diffusion.objective == "block" else 1
+    body = copies * flops_per_token(cfg.model, padded, copies * a.seq, 0.0)
+    head = 6 * padded * cfg.model.hidden_size
     result["masked_fraction"] = sum(masked) / len(masked)
-    result["flops_per_token"] = flops_per_token(cfg.model, padded, a.seq, fraction)
-    result["flops_per_token_all_positions"] = flops_per_token(cfg.model, padded, a.seq, 1.0)
+    result["flops_per_token"] = body + head * fraction  # masked rows per data token
+    result["flops_per_token_all_positions"] = body + head * copies
     result["params"] = sum(p.numel() for p in engine.ds.module.parameters())
     return result
 
@@ -165,7 +170,7 @@ def run_reference(a) -> dict:
     rt = init_runtime(cfg)
     data = TrainData(cfg, rt)
     mask_id = data.manifest.tokenizer.mask_id
-    objective = build_objective(cfg.diffusion, mask_id=mask_id)
+    objective = build_objective(cfg.diffusion, mask_id=mask_id, seq_len=cfg.data.seq_len)
     padded = padded_vocab_size(data.vocab_size, cfg.model.make_vocab_size_divisible_by)
     torch.manual_seed(0)
     model = build_reference(cfg.model, vocab=data.vocab_size, padded_vocab=padded, mask_id=mask_id)
