@@ -100,13 +100,16 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
-            batches = [
-                objective.prepare(
-                    next(data.stream).to(rt.device),
-                    CorruptionKey(cfg.train.seed, step, micro, rt.dp_rank, accum, rt.dp),
+            batches = []
+            for micro in range(accum):
+                tokens = data.stream.next_batch()  # loss_mask: False on truncation padding
+                batches.append(
+                    objective.prepare(
+                        tokens.tokens.to(rt.device),
+                        CorruptionKey(cfg.train.seed, step, micro, rt.dp_rank, accum, rt.dp),
+                        tokens.loss_mask.to(rt.device),
+                    )
                 )
-                for micro in range(accum)
-            ]
             metrics = engine.global_metrics(engine.train_step(batches))
             done = step + 1
             result.losses[done] = metrics["loss"]

@@ -144,3 +144,37 @@ def test_default_config_path_is_unchanged():
     obj = objective("linear", prefix=0.0)
     batch = obj.prepare(torch.randint(0, V, (16, L)), CorruptionKey(seed=0, step=3))
     torch.testing.assert_close(batch.loss_weights, batch.masked.float() / batch.t[:, None])
+
+
+def test_all_true_loss_mask_is_the_default_path():
+    obj = objective("linear", prefix=0.0)
+    x0 = torch.randint(0, V, (16, L), generator=torch.Generator().manual_seed(2))
+    key = CorruptionKey(seed=0, step=3)
+    a, b = obj.prepare(x0, key), obj.prepare(x0, key, torch.ones(16, L, dtype=torch.bool))
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.loss_weights, b.loss_weights)
+
+
+def test_trainer_passes_the_streams_loss_mask(demo_data, tmp_path, runtime, monkeypatch):
+    """LLaDA-style truncation pads rows with EOS (loss_mask False): the trainer hands the mask to
+    the objective, and no padding position is ever a target."""
+    from conftest import tiny_overrides
+
+    from pretrain.config import load_config
+    from pretrain.trainer import train
+
+    seen = []
+    original = MaskedDiffusion.prepare
+
+    def spy(self, x0, key, loss_mask=None):
+        batch = original(self, x0, key, loss_mask)
+        seen.append((loss_mask, batch.masked))
+        return batch
+
+    monkeypatch.setattr(MaskedDiffusion, "prepare", spy)
+    over = {"train.steps": 3, "data.truncate_fraction": 0.5, "train.checkpoint_interval": 0}
+    cfg = load_config("configs/tiny.yaml", tiny_overrides(demo_data, tmp_path, "trunc", **over))
+    losses = list(train(cfg).losses.values())
+    assert all(math.isfinite(x) for x in losses) and len(seen) == 3
+    assert any(not m.all() for m, _ in seen)  # some rows were truncated
+    for loss_mask, masked in seen:
+        assert not (masked & ~loss_mask).any()

@@ -115,7 +115,7 @@ class MaskedDiffusion:
         """
         t = sample_times(x0.shape[0], key, eps=self.eps, antithetic=self.antithetic)
         visible = self._prefix(x0, key)
-        if loss_mask is not None:
+        if loss_mask is not None and not bool(loss_mask.all()):  # all True: the default path
             hidden_from_loss = ~loss_mask.to(device=x0.device, dtype=torch.bool)
             visible = hidden_from_loss if visible is None else visible | hidden_from_loss
         return self._corrupt(x0, t, key.row_generators(x0.shape[0], "mask"), visible)
