@@ -3,6 +3,7 @@
     dlm data build INPUT... --out DIR --seq-len N     txt/jsonl/parquet -> webdataset shards
     dlm data inspect DIR                              counts, decoded samples, token histogram
     dlm train CONFIG [key.sub=value ...]              train (resumes the run's latest checkpoint)
+    dlm launch CONFIG [--mode local|node|slurm] ...   torchrun here, on several nodes, or sbatch
     dlm plan CONFIG [--layout TPxPPxDP[:ZERO]] ...    per-GPU memory table for parallel layouts
     dlm probe CKPT --prompts P.jsonl --out DIR        information-decay probe (JSON + PNG)
     dlm generate CKPT --prompt TEXT ...               sample with the objective's own decoder
@@ -24,6 +25,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from launcher.signals import REQUEUE_EXIT_CODE
 from pretrain.errors import DLMError
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -45,8 +47,20 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # config errors before the heavy imports
     from pretrain.trainer import train
 
-    train(cfg)
-    return 0
+    result = train(cfg)
+    return REQUEUE_EXIT_CODE if result.preempted_at else 0  # stopped by a signal: run me again
+
+
+def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    from launcher.launch import add_launch_arguments
+
+    add_launch_arguments(parser)
+
+
+def _run_launch(args: argparse.Namespace) -> int:
+    from launcher.launch import run_launch
+
+    return run_launch(args)
 
 
 def _run_config_show(args: argparse.Namespace) -> int:
@@ -151,6 +165,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "train a diffusion LM from a YAML config (auto-resumes from the latest checkpoint)",
         _config_arguments,
         _run_train,
+    ),
+    ("launch",): (
+        "start training with torchrun: locally, one node of a multi-node job, or via slurm",
+        _add_launch_arguments,
+        _run_launch,
     ),
     ("probe",): (
         "information-decay probe of a checkpoint: prompt + K masks -> entropy, p(eos), plot",

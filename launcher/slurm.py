@@ -98,7 +98,8 @@ set -uo pipefail
 
 # Rendezvous on the job's first node; each node runs one torchrun of {req.nproc_per_node} worker(s).
 RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-RDZV_PORT={launch.rdzv_port}
+# Offset by the job id: two jobs whose first node is the same must not share a rendezvous.
+RDZV_PORT=$(({launch.rdzv_port} + SLURM_JOB_ID % 1000))
 {exports}
 mkdir -p {_q(req.run_dir / "logs")}
 rm -f {_q(marker)}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from launcher.signals import PreemptionGuard, clear_marker
 from pretrain.checkpoint.manager import (
     CheckpointManager,
     load_trainer_state,
@@ -37,6 +38,8 @@ class TrainResult:
     checkpoint: Path | None = None
     tracking_uri: str | None = None
     run_id: str | None = None
+    preempted_at: int | None = None
+    """The step at which a stop signal (SIGTERM/SIGUSR1) checkpointed and ended this call."""
 
 
 def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
@@ -78,6 +81,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     )
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clear_marker(run_dir)  # a restarted job is no longer the preempted one
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if not reader:
             tracker.log_params(flatten(cfg))
@@ -97,6 +101,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     accum = cfg.train.grad_accum_steps
     window: dict[str, float] = defaultdict(float)  # metric sums since the last log line
     status = "FAILED"
+    guard = PreemptionGuard.install()  # SIGTERM/SIGUSR1: checkpoint at a step boundary, stop
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -133,8 +138,9 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
                 tracker.log_metrics(result.evals[done], step=done)
                 say(f"[dlm] step {done} eval " + _kv(result.evals[done]))
             probe.maybe_run(done, tracker, say)
+            stop = guard.should_stop() and done < end  # collective: all ranks stop together
             if (cfg.train.checkpoint_interval and done % cfg.train.checkpoint_interval == 0) or (
-                done == end
+                done == end or stop
             ):
                 trainer_state = {
                     "data": data.stream.state_dict(),
@@ -145,13 +151,19 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
                     engine, done, trainer_state=trainer_state, config_yaml=to_yaml(cfg)
                 )
                 say(f"[dlm] step {done} checkpoint {result.checkpoint}")
-        status = "FINISHED"
+            if stop:
+                result.preempted_at = guard.mark_preempted(run_dir, done, is_main=rt.is_main)
+                say(f"[dlm] preempted at step {done}: checkpointed; a restart resumes here")
+                break
+        status = "KILLED" if result.preempted_at else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
+        guard.uninstall()
         tracker.finish(status)
-    say(f"[dlm] done at step {end}: run dir {run_dir} (config.yaml, checkpoints/)")
+    last = result.preempted_at or end
+    say(f"[dlm] {'stopped' if result.preempted_at else 'done'} at step {last}: run dir {run_dir}")
     if tracker.run_id:
         say(f"[dlm] MLflow run {tracker.run_id} in {tracker.uri}")
         say(f"[dlm] browse it with: mlflow ui --backend-store-uri {tracker.uri}")

@@ -97,7 +97,14 @@ CONF
 
 stop() {
     dir=$(realpath -m "${1:?stop needs a directory}")
-    local pidfile
+    local pidfile jobs
+    # Cancel what still runs first: with the daemons gone, job processes would be orphaned.
+    export SLURM_CONF=$dir/slurm.conf
+    if [[ -f $SLURM_CONF ]] && jobs=$(squeue -h -o %i 2>/dev/null) && [[ -n $jobs ]]; then
+        # shellcheck disable=SC2086
+        scancel $jobs || true
+        wait_for 60 "the cancelled jobs to end" bash -c '[[ -z $(squeue -h -o %i) ]]'
+    fi
     for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid"; do
         [[ -f $pidfile ]] && kill "$(cat "$pidfile")" 2>/dev/null || true
     done

@@ -268,6 +268,50 @@ class TrackingConfig:
 
 
 @dataclass(kw_only=True)
+class LaunchConfig:
+    nodes: int = 1
+    """Nodes of a multi-node launch (torchrun --nnodes; slurm --nodes)."""
+    gpus_per_node: int = 1
+    """Processes (one per GPU) per node (torchrun --nproc-per-node)."""
+    rdzv_port: int = 29400
+    """Port of the c10d rendezvous on the first node (slurm adds the job id modulo 1000, so that
+    jobs sharing a first node do not meet at the same port)."""
+    partition: str | None = None
+    """Slurm partition (--partition); null uses the cluster default."""
+    account: str | None = None
+    """Slurm account (--account); null uses the user's default."""
+    time: str = "24:00:00"
+    """Slurm wall-clock limit (--time), e.g. "4:00:00" or "2-00:00:00"; quote it (YAML 1.1 reads
+    an unquoted 4:00:00 as the number 14400)."""
+    cpus_per_node: int | None = None
+    """Slurm --cpus-per-task for the one task per node; null lets slurm decide."""
+    container_image: str | None = None
+    """Image for slurm's pyxis/enroot (`srun --container-image`); null runs on the host."""
+    container_mounts: list[str] = field(default_factory=list)
+    """`SRC:DST` mounts into the container (pyxis --container-mounts), e.g. the data directory."""
+    preempt_signal_s: int = 120
+    """Slurm sends SIGUSR1 this many seconds before the time limit (--signal=B:USR1@N): the job
+    checkpoints and requeues itself. 0 disables the warning signal."""
+    shutdown_timeout_s: int = 120
+    """After a stop signal, torchrun waits this long for workers to checkpoint before SIGKILL."""
+    collective_timeout_min: int = 10
+    """A collective that waits longer than this fails (DEEPSPEED_TIMEOUT: the gloo/NCCL
+    process-group timeout), so a job whose peer vanished stops instead of hanging."""
+    env: list[str] = field(default_factory=list)
+    """Extra `KEY=VALUE` environment variables for every node (e.g. NCCL_SOCKET_IFNAME=ib0)."""
+
+    def validate(self) -> None:
+        for key in ("nodes", "gpus_per_node", "shutdown_timeout_s", "collective_timeout_min"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"launch.{key} must be positive, got {getattr(self, key)}")
+        if self.preempt_signal_s < 0:
+            raise ConfigError(f"launch.preempt_signal_s must be >= 0, got {self.preempt_signal_s}")
+        for item in self.env:
+            if "=" not in item or not item.split("=", 1)[0].isidentifier():
+                raise ConfigError(f"launch.env: expected KEY=VALUE, got {item!r}")
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     probe_interval: int = 0
     """Steps between information-decay probes (prompt + masks, one forward; 0 disables): the
@@ -309,12 +353,15 @@ class Config:
     """Parallel layout."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """How `dlm launch` starts the run (torchrun, multi-node, slurm); ignored by `dlm train`."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Diagnostics: the information-decay probe and distance-bucketed validation CE."""
 
     def validate(self) -> None:
         for section in (self.model, self.diffusion, self.train, self.optim, self.parallel):
             section.validate()
+        self.launch.validate()
         self.eval.validate()
         if self.diffusion.objective != "masked" and self.parallel.pipeline_parallel > 1:
             raise ConfigError(
