@@ -20,6 +20,7 @@ from pretrain.checkpoint.manager import (
     weight_loader,
 )
 from pretrain.config import Config, flatten, to_yaml
+from pretrain.diffusion.auxiliary.metric import joint_consistency
 from pretrain.diffusion.corruption import CorruptionKey
 from pretrain.diffusion.objective import build_objective
 from pretrain.errors import DataError
@@ -135,6 +136,8 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
                 window = defaultdict(float)
             if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) or done == end:
                 result.evals[done] = evaluate(engine, objective, data, cfg, rt)
+                if cfg.auxiliary.eval_tokens_per_step:  # the parallel-decoding gap
+                    result.evals[done] |= joint_consistency(engine, objective, data, cfg, rt)
                 tracker.log_metrics(result.evals[done], step=done)
                 say(f"[dlm] step {done} eval " + _kv(result.evals[done]))
             probe.maybe_run(done, tracker, say)

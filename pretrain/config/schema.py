@@ -312,6 +312,53 @@ class LaunchConfig:
 
 
 @dataclass(kw_only=True)
+class AuxiliaryLossConfig:
+    name: str
+    """Auxiliary loss (registry in `pretrain.diffusion.auxiliary`): `self_correction`,
+    `energy_nce`, `multistep_consistency`."""
+    weight: float = 1.0
+    """Peak weight of this loss, added to the objective's loss."""
+    schedule: str = "constant"
+    """Weight schedule (registry): `constant` (0 before `start_step`, then `weight`) or
+    `linear_ramp` (0 before `start_step`, rising linearly to `weight` over `ramp_steps`)."""
+    start_step: int = 0
+    """First optimizer step (0-based) at which the loss runs; before it, it costs nothing."""
+    ramp_steps: int = 0
+    """Steps of the `linear_ramp` schedule."""
+    fill_fraction: float = 0.5
+    """`self_correction`: fraction of the masked positions filled with the model's samples."""
+    rollout_steps: int = 2
+    """`multistep_consistency`: decoding steps of the no-grad multi-step rollout (>= 2)."""
+
+    def validate(self, where: str) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"{where}.weight must be >= 0, got {self.weight}")
+        if self.start_step < 0 or self.ramp_steps < 0:
+            raise ConfigError(f"{where}.start_step and {where}.ramp_steps must be >= 0")
+        if not 0.0 < self.fill_fraction <= 1.0:
+            raise ConfigError(f"{where}.fill_fraction must be in (0, 1], got {self.fill_fraction}")
+        if self.rollout_steps < 2:
+            raise ConfigError(f"{where}.rollout_steps must be >= 2, got {self.rollout_steps}")
+
+
+@dataclass(kw_only=True)
+class AuxiliaryConfig:
+    losses: list[AuxiliaryLossConfig] = field(default_factory=list)
+    """Joint-consistency auxiliary losses (docs/joint_consistency.md); empty: none."""
+    eval_tokens_per_step: list[int] = field(default_factory=list)
+    """Joint-consistency metric at each evaluation: sample with these tokens per decoding step
+    and log the samples' agreement error (demo grammar) and NELBO gap; empty: off."""
+    eval_samples: int = 16
+    """Sequences sampled per tokens-per-step setting for the joint-consistency metric."""
+
+    def validate(self) -> None:
+        for i, loss in enumerate(self.losses):
+            loss.validate(f"auxiliary.losses[{i}]")
+        if any(k <= 0 for k in self.eval_tokens_per_step) or self.eval_samples <= 0:
+            raise ConfigError("auxiliary.eval_tokens_per_step and eval_samples must be positive")
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     probe_interval: int = 0
     """Steps between information-decay probes (prompt + masks, one forward; 0 disables): the
@@ -355,6 +402,8 @@ class Config:
     """Experiment tracking."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """How `dlm launch` starts the run (torchrun, multi-node, slurm); ignored by `dlm train`."""
+    auxiliary: AuxiliaryConfig = field(default_factory=AuxiliaryConfig)
+    """Joint-consistency auxiliary losses and their metric (none by default)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Diagnostics: the information-decay probe and distance-bucketed validation CE."""
 
@@ -362,6 +411,7 @@ class Config:
         for section in (self.model, self.diffusion, self.train, self.optim, self.parallel):
             section.validate()
         self.launch.validate()
+        self.auxiliary.validate()
         self.eval.validate()
         if self.diffusion.objective != "masked" and self.parallel.pipeline_parallel > 1:
             raise ConfigError(

@@ -140,6 +140,9 @@ def attention_kernels(cfg: Config, rt: Runtime) -> Callable[[], contextlib.Abstr
 class Engine:
     """What the trainer needs from an engine, whatever the layout."""
 
+    auxiliary = None
+    """Joint-consistency auxiliary losses (`pretrain.diffusion.auxiliary.AuxiliarySet`) or None."""
+
     def __init__(
         self,
         ds,
@@ -167,7 +170,9 @@ class Engine:
         Only the last pipeline stage computes them and TP ranks duplicate them, so one rank per
         replica contributes to a sum over the world, which is then divided by the replica count.
         """
-        names = self.objective.metric_names
+        names = tuple(self.objective.metric_names)
+        if self.auxiliary is not None:  # training steps also report the auxiliary losses
+            names += tuple(n for n in self.auxiliary.metric_names if n in local)
         values = [local[n] if self.owns_metrics else 0.0 for n in names]
         if self.rt.world_size == 1:
             return dict(zip(names, values, strict=True))
@@ -218,8 +223,10 @@ class DataParallelEngine(Engine):
     def train_step(self, batches):
         self.ds.train()
         collected = []
-        for batch in batches:
+        for micro, batch in enumerate(batches):
             loss, metrics = self._forward(batch)
+            if self.auxiliary is not None:  # extra forwards on the same batch, one backward
+                loss = loss + self.auxiliary.step_loss(self.ds, batch, micro, len(batches), metrics)
             self.ds.backward(loss)
             self.ds.step()  # DeepSpeed applies the update after the last micro-batch only
             collected.append(metrics)
@@ -272,6 +279,10 @@ def build_engine(
     or the seeded canonical init) and wrap it in the DeepSpeed engine of the layout."""
     import deepspeed
 
+    from pretrain.diffusion.auxiliary import build_auxiliaries
+
+    auxiliary = build_auxiliaries(cfg, mask_id=mask_token_id, vocab_size=vocab_size, rt=rt)
+
     config = megatron_config(
         cfg.model,
         params_dtype=rt.dtype,
@@ -283,6 +294,8 @@ def build_engine(
         module = DLMTransformer(
             cfg.model, config, vocab_size=vocab_size, excluded_token_ids=(mask_token_id,)
         )
+        if auxiliary is not None:
+            auxiliary.attach(module)  # a loss may add or check weights before init
         named = list(module.named_parameters())
     else:
         loss = PipelineLoss(objective)
@@ -345,5 +358,7 @@ def build_engine(
         # Under sequence parallelism each TP rank holds a slice of the sequence, which the
         # output layer all-gathers itself: there the head runs on every position.
         sparse = cfg.model.sparse_output and not cfg.parallel.sequence_parallel
-        return DataParallelEngine(ds, objective, rt, kernels=kernels, sparse_output=sparse)
+        engine = DataParallelEngine(ds, objective, rt, kernels=kernels, sparse_output=sparse)
+        engine.auxiliary = auxiliary
+        return engine
     return PipelineParallelEngine(ds, objective, rt, loss, cfg.model.num_layers, kernels=kernels)
