@@ -183,3 +183,11 @@ def test_tokenizer_mismatch_names_both_hashes(runtime, demo_data, tmp_path):
         "ok",
         **{"data.tokenizer": str(demo_data / "tokenizer.json"), "train.steps": 1},
     )
+
+
+def test_no_validation_batches_means_no_evaluation(runtime, demo_data, tmp_path):
+    """`train.eval_batches=0` trains and checkpoints without evaluating (no val metrics)."""
+    overrides = tiny_overrides(demo_data, tmp_path, "noeval", **{"train.eval_batches": 0})
+    result = train(load_config(TINY, overrides + ["train.steps=2"]))
+    assert sorted(result.losses) == [1, 2] and result.checkpoint is not None
+    assert all(not metrics for metrics in result.evals.values())
