@@ -246,7 +246,10 @@ def evaluate(engine, objective, data: TrainData, cfg: Config, rt: Runtime) -> di
     """Validation NELBO on fixed sequences, t-grid and masks, so evaluations are comparable.
 
     All validation batches have the same size, so per-slot metrics average over batches.
+    With `train.eval_batches=0` there is nothing to evaluate: no metrics.
     """
+    if not data.val:
+        return {}
     sums: dict[str, float] = defaultdict(float)
     for i, x0 in enumerate(data.val):
         key = CorruptionKey(cfg.train.seed, 0, i, rt.dp_rank, len(data.val), rt.dp)
