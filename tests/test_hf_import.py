@@ -199,3 +199,42 @@ def test_unsupported_models_are_clear_errors(tmp_path, capsys):
     assert main(["import", str(tmp_path / "scaled"), str(tmp_path / "busy")]) == 2
     assert "busy: already exists and is not empty; pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_training_run_starts_from_imported_weights(runtime, demo_data, tmp_path):
+    """A Llama with the dataset's tokenizer -> `dlm import` -> `train.init_from`: the run's
+    weights after one step at a negligible learning rate are the imported ones (a fresh init
+    would be ~0.02 away everywhere)."""
+    import shutil
+
+    from conftest import REPO, tiny_overrides
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pretrain.config import load_config
+    from pretrain.trainer import train
+
+    tok = json.loads((demo_data / "manifest.json").read_text())["tokenizer"]
+    shape = {**SHAPE, "vocab_size": tok["vocab_size"], "eos_token_id": tok["eos_id"]}
+    shape["intermediate_size"] = 128
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**shape, rms_norm_eps=1e-6)).save_pretrained(tmp_path / "llama")
+    shutil.copy(demo_data / tok["file"], tmp_path / "llama" / "tokenizer.json")
+    ckpt = import_causal_lm(tmp_path / "llama", tmp_path / "imported")
+    record = json.loads((ckpt / "tokenizer_record.json").read_text())
+    assert record["mask_id"] == tok["mask_id"]  # the tokenizer's own <mask> is reused
+    overrides = {
+        "model.num_query_groups": 2,
+        "model.norm_eps": 1e-6,
+        "train.steps": 1,
+        "train.checkpoint_interval": 1,
+        "optim.lr": 1e-9,
+        "train.init_from": str(ckpt),
+    }
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml", tiny_overrides(demo_data, tmp_path, "ad", **overrides)
+    )
+    result = train(cfg)
+    trained, imported = CheckpointReader(result.checkpoint), CheckpointReader(ckpt)
+    assert trained.names() == imported.names()
+    worst = max((trained.full(n) - imported.full(n)).abs().max().item() for n in imported.names())
+    assert worst < 1e-5, f"weights moved by {worst:.3g} from the imported ones"
