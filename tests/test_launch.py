@@ -1,0 +1,184 @@
+"""`dlm launch` for real: torchrun jobs on this machine (gloo), the generated sbatch script, faults.
+
+- Two "nodes": two `dlm launch --mode node --nnodes 2` launchers on 127.0.0.1 (c10d rendezvous,
+  one worker each) train the tiny config; their per-step losses and final parameters must equal
+  those of a single-node `dlm launch --nproc-per-node 2` (same world size, same global layout).
+  Expected bit for bit (same ranks, same collectives); asserted within 1e-6.
+- Preemption: SIGTERM to `dlm launch` mid-run reaches the workers through torchrun; they
+  checkpoint at a step boundary and the launcher exits 75 (requeue); launching again resumes, and
+  the losses of both parts together equal the uninterrupted run's bit for bit.
+- A worker killed with SIGKILL stops the whole job (no hang) within a generous bound.
+Losses are read back exactly from each run's MLflow store (sqlite, float64).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO, tiny_overrides
+
+from launcher.signals import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
+from pretrain.checkpoint.format import CheckpointReader
+
+TINY = REPO / "configs" / "tiny.yaml"
+STEPS = 60
+LOSS_ATOL = 1e-6
+DEATH_BOUND_S = 120  # a dead rank must end the job well within this (observed: a few seconds)
+
+
+def run_overrides(data: Path, out: Path, name: str, **extra) -> list[str]:
+    values = {
+        "train.steps": STEPS,
+        "train.log_interval": 1,
+        "train.checkpoint_interval": 0,
+        "train.device": "cpu",
+        "tracking.enabled": True,
+        "tracking.uri": f"sqlite:///{out / name}.db",
+        **extra,
+    }
+    return tiny_overrides(data, out, name, **values)
+
+
+def dlm_launch(overrides: list[str], *options: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "launcher.cli", "launch", str(TINY), *overrides, *options]
+    return subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def mlflow_losses(out: Path, name: str) -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / name}.db")
+    (run,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.mlflow.runName = '{name}'",
+    )
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def final_params(run_dir: Path) -> CheckpointReader:
+    return CheckpointReader(
+        run_dir / "checkpoints" / (run_dir / "checkpoints/latest").read_text().strip()
+    )
+
+
+@pytest.fixture(scope="module")
+def single_node(demo_data, tmp_path_factory):
+    """The reference: one node, two workers (DP=2), uninterrupted."""
+    out = tmp_path_factory.mktemp("launch")
+    status, log = finish(
+        dlm_launch(run_overrides(demo_data, out, "single"), "--nproc-per-node", "2")
+    )
+    assert status == 0, log[-4000:]
+    return {"out": out, "losses": mlflow_losses(out, "single")}
+
+
+def test_two_nodes_equal_one_node(single_node, demo_data):
+    out = single_node["out"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [
+        dlm_launch(
+            run_overrides(demo_data, out, "twonode"),
+            "--mode",
+            "node",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(rank),
+            "--nproc-per-node",
+            "1",
+            "--rdzv-endpoint",
+            endpoint,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    results = [finish(node) for node in nodes]
+    for status, log in results:
+        assert status == 0, log[-4000:]
+    assert "2 process(es) (tp=1 pp=1 dp=2)" in results[0][1] + results[1][1]
+    got, want = mlflow_losses(out, "twonode"), single_node["losses"]
+    assert sorted(got) == list(range(1, STEPS + 1)) == sorted(want)
+    worst = max(abs(got[s] - want[s]) for s in want)
+    assert worst <= LOSS_ATOL, f"max loss difference {worst:.3g}"
+    a, b = final_params(out / "twonode"), final_params(out / "single")
+    assert a.names() == b.names()
+    assert max((a.full(n) - b.full(n)).abs().max().item() for n in a.names()) <= LOSS_ATOL
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
+    """Read the launcher's output until a line contains `needle`; returns what was read."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} never appeared:\n" + "".join(seen)[-4000:])
+
+
+def test_sigterm_checkpoints_exits_for_requeue_and_resumes_exactly(single_node, demo_data):
+    out = single_node["out"]
+    overrides = run_overrides(demo_data, out, "preempted")
+    proc = dlm_launch(overrides, "--nproc-per-node", "2")
+    wait_for_line(proc, "[dlm] step 3/")
+    proc.send_signal(signal.SIGTERM)  # as slurm (or any scheduler) does to the launcher
+    status, log = finish(proc)
+    assert status == REQUEUE_EXIT_CODE, log[-4000:]
+    marker = out / "preempted" / PREEMPTED_MARKER
+    assert marker.is_file(), log[-4000:]
+    first = mlflow_losses(out, "preempted")
+    stopped = max(first)
+    assert 3 <= stopped < STEPS, f"stopped at {stopped}: the signal must land mid-run"
+    assert f"step {stopped} checkpoint" in log and "preempted at step" in log
+
+    status, log = finish(dlm_launch(overrides, "--nproc-per-node", "2"))
+    assert status == 0, log[-4000:]
+    assert f"resumed at step {stopped}" in log
+    assert not marker.exists()
+    assert mlflow_losses(out, "preempted") == single_node["losses"]  # bit for bit
+
+
+def test_a_dead_rank_stops_the_whole_job(demo_data, tmp_path):
+    proc = dlm_launch(
+        run_overrides(demo_data, tmp_path, "dies", **{"train.steps": 10**6}),
+        "--nproc-per-node",
+        "2",
+    )
+    wait_for_line(proc, "[dlm] step 5/")
+    workers = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "train" in p.cmdline() and "torch.distributed.run" not in p.cmdline()
+    ]
+    assert len(workers) == 2, [p.cmdline() for p in workers]
+    start = time.monotonic()
+    workers[1].kill()  # SIGKILL, as an OOM kill or a node failure would
+    status, log = finish(proc, timeout=DEATH_BOUND_S)
+    elapsed = time.monotonic() - start
+    assert status not in (0, REQUEUE_EXIT_CODE), log[-3000:]
+    assert elapsed < DEATH_BOUND_S
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    print(f"job stopped {elapsed:.1f} s after a worker was killed")
