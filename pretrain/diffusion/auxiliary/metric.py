@@ -48,7 +48,10 @@ def joint_consistency(engine, objective, data, cfg, rt) -> dict[str, float]:
             tokens_per_step=k,
             mask_id=mask_id,
             temperature=1.0,
-            generator=derived_generator(cfg.train.seed, "jc-sample", k),
+            # on the model's device (the sampler draws there); same seed on every rank
+            generator=torch.Generator(device=rt.device).manual_seed(
+                derived_generator(cfg.train.seed, "jc-sample", k).initial_seed()
+            ),
         )
         texts = [tokenizer.decode(row.tolist()) for row in samples.cpu()]
         error, parsed = agreement_error_rate(texts)
