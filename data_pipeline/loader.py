@@ -10,6 +10,7 @@ of workers.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.reader import TokenBatch, TokenBlockStream
+
+
+def _ignore_stop_signals(_worker: int) -> None:
+    """Workers outlive a scheduler's stop signal (slurm signals every process of a job step):
+    the trainer finishes its step and checkpoints, then its exit ends them. A worker killed by
+    the signal would make the DataLoader abort the trainer mid-step instead."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _Shard(IterableDataset):
@@ -62,6 +71,7 @@ class LoaderStream(Iterator[torch.Tensor]):
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch if self.num_workers else None,
             persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
         )
         return iter(loader)
 

@@ -182,3 +182,26 @@ def test_a_dead_rank_stops_the_whole_job(demo_data, tmp_path):
     assert elapsed < DEATH_BOUND_S
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
     print(f"job stopped {elapsed:.1f} s after a worker was killed")
+
+
+def test_sigterm_to_every_process_with_loader_workers_still_checkpoints(demo_data, tmp_path):
+    """Slurm signals every process of a job step, DataLoader workers included. The workers must
+    outlive the signal (they end with the trainer), or PyTorch aborts the trainer mid-step when
+    it sees a worker die, and the preemption checkpoint is never written."""
+    overrides = run_overrides(demo_data, tmp_path, "workers", **{"data.num_workers": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "train", str(TINY), *overrides],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, as a job step's processes are
+    )  # fmt: skip
+    wait_for_line(proc, "[dlm] step 3/")
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) >= 2, "expected the DataLoader worker processes"
+    os.killpg(proc.pid, signal.SIGTERM)
+    status, log = finish(proc)
+    assert status == REQUEUE_EXIT_CODE, log[-4000:]
+    assert (tmp_path / "workers" / PREEMPTED_MARKER).is_file(), log[-4000:]
+    assert "preempted at step" in log and " checkpoint " in log
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, "the loader workers must end with the trainer"
