@@ -189,7 +189,10 @@ def test_sigterm_to_every_process_with_loader_workers_still_checkpoints(demo_dat
     outlive the signal (they end with the trainer), or PyTorch aborts the trainer mid-step when
     it sees a worker die, and the preemption checkpoint is never written."""
     overrides = run_overrides(demo_data, tmp_path, "workers", **{"data.num_workers": 2})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # a fresh world of one: not the rendezvous variables of a process group this pytest holds
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher.cli", "train", str(TINY), *overrides],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
