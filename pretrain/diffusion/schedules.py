@@ -160,8 +160,31 @@ def _power(t, k):
     return tk, k * tk / t
 
 
+class PowerLawSchedule(NoiseSchedule):
+    """alpha_i(t) = 1 - t^{k_i}: the per-position clock shared by `distance` and `frequency`,
+    which differ only in the exponent k_i (of strength gamma = `diffusion.distance_strength`)."""
+
+    def __init__(self, *, horizon: int = 128, strength: float = 2.0):
+        super().__init__(horizon=horizon)
+        self.strength = strength
+
+    @classmethod
+    def from_config(cls, cfg, horizon):
+        return cls(horizon=horizon, strength=cfg.distance_strength)
+
+    def exponent(self, distance, x0):
+        """k_i, broadcastable to [b, s] (a scalar where it is the same everywhere)."""
+        raise NotImplementedError
+
+    def alpha(self, t, distance=None, x0=None):
+        return 1.0 - _power(t, self.exponent(distance, x0))[0]
+
+    def alpha_prime(self, t, distance=None, x0=None):
+        return -_power(t, self.exponent(distance, x0))[1]
+
+
 @register_schedule
-class DistanceSchedule(NoiseSchedule):
+class DistanceSchedule(PowerLawSchedule):
     """alpha_i(t) = 1 - t^{k_i},  w_i(t) = k_i / t,  k_i = exp(gamma * (1/2 - min(d_i / D, 1))).
 
     d_i is the distance from the visible context, D the horizon (sequence length). Far positions
@@ -174,27 +197,13 @@ class DistanceSchedule(NoiseSchedule):
     name = "distance"
     position_aware = True
 
-    def __init__(self, *, horizon: int = 128, strength: float = 2.0):
-        super().__init__(horizon=horizon)
-        self.strength = strength
-
-    @classmethod
-    def from_config(cls, cfg, horizon):
-        return cls(horizon=horizon, strength=cfg.distance_strength)
-
-    def exponent(self, distance):
+    def exponent(self, distance, x0):
         if distance is None:
             return 1.0
         return torch.exp(self.strength * (0.5 - (distance / self.horizon).clamp(0.0, 1.0)))
 
-    def alpha(self, t, distance=None, x0=None):
-        return 1.0 - _power(t, self.exponent(distance))[0]
-
-    def alpha_prime(self, t, distance=None, x0=None):
-        return -_power(t, self.exponent(distance))[1]
-
     def weight(self, t, distance=None, x0=None):
-        return self.exponent(distance) / t
+        return self.exponent(distance, x0) / t
 
 
 @register_schedule
@@ -241,7 +250,7 @@ class BlockSchedule(NoiseSchedule):
 
 
 @register_schedule
-class FrequencySurrogate(NoiseSchedule):
+class FrequencySurrogate(PowerLawSchedule):
     """SURROGATE (not a NELBO): content-dependent masking by in-sequence token frequency.
 
     alpha_i(t) = 1 - t^{k_i},  k_i = exp(gamma * (f_i - 1/2)),  loss weight 1/t (linear's),
@@ -255,26 +264,12 @@ class FrequencySurrogate(NoiseSchedule):
     name = "frequency"
     is_nelbo = False
 
-    def __init__(self, *, horizon: int = 128, strength: float = 2.0):
-        super().__init__(horizon=horizon)
-        self.strength = strength
-
-    @classmethod
-    def from_config(cls, cfg, horizon):
-        return cls(horizon=horizon, strength=cfg.distance_strength)
-
-    def exponent(self, x0):
+    def exponent(self, distance, x0):
         if x0 is None:
             return 1.0
         counts = (x0[:, :, None] == x0[:, None, :]).sum(-1).double()  # [b, s]: count of x0_i
         share = counts / counts.amax(dim=1, keepdim=True)
         return torch.exp(self.strength * (share - 0.5))
-
-    def alpha(self, t, distance=None, x0=None):
-        return 1.0 - t ** self.exponent(x0)
-
-    def alpha_prime(self, t, distance=None, x0=None):
-        return -_power(t, self.exponent(x0))[1]
 
     def weight(self, t, distance=None, x0=None):
         return 1.0 / t
