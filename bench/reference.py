@@ -93,22 +93,20 @@ def build_reference(model_cfg, *, vocab: int, padded_vocab: int, mask_id: int) -
 
 @torch.no_grad()
 def load_canonical(ref: ReferenceDLM, canonical: dict[str, torch.Tensor]) -> None:
-    """Copy a `pretrain` model's canonical (single-device) state into the reference.
+    """Copy a `pretrain` model's canonical (single-device) state into the reference; Megatron's
+    group-major fused QKV is split by the same mapping the Hugging Face export uses."""
+    from pretrain.hf.mapping import Shape, split_qkv
 
-    Megatron's fused QKV is group-major: per KV group, its query heads, then its key, then its
-    value ([q_g x heads/groups ; k_g ; v_g] rows of head_dim each).
-    """
+    first = ref.blocks[0]
+    shape = Shape(len(ref.blocks), first.heads, first.groups, first.hd)
     ref.embed.weight.copy_(canonical["embedding.word_embeddings.weight"])
     ref.norm.weight.copy_(canonical["head.final_norm.weight"])
     ref.head.weight.copy_(canonical["head.output_layer.weight"])
     for i, block in enumerate(ref.blocks):
         p = f"layers.{i}."
-        per_group = block.heads // block.groups
-        qkv = canonical[p + "self_attention.linear_qkv.weight"]
-        qkv = qkv.view(block.groups, per_group + 2, block.hd, -1)  # [g, q.. k v, hd, d]
-        block.q.weight.copy_(qkv[:, :per_group].reshape(-1, qkv.shape[-1]))
-        k, v = qkv[:, per_group], qkv[:, per_group + 1]  # [g, hd, d]
-        block.kv.weight.copy_(torch.cat([k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])]))
+        q, k, v = split_qkv(canonical[p + "self_attention.linear_qkv.weight"], shape)
+        block.q.weight.copy_(q)
+        block.kv.weight.copy_(torch.cat([k, v]))
         block.proj.weight.copy_(canonical[p + "self_attention.linear_proj.weight"])
         block.fc1.weight.copy_(canonical[p + "mlp.linear_fc1.weight"])
         block.fc2.weight.copy_(canonical[p + "mlp.linear_fc2.weight"])
