@@ -80,20 +80,11 @@ def worker(spec_path: str) -> None:
 def timing(cfg, steps: int) -> dict:
     """tokens/s per device over `steps` steps, and the NCCL share of device time (CUDA)."""
     import torch
+    from train_step import build_step
 
     from pretrain.diffusion.corruption import CorruptionKey
-    from pretrain.diffusion.objective import build_objective
-    from pretrain.parallel.engine import build_engine
-    from pretrain.parallel.runtime import init_runtime
-    from pretrain.trainer import TrainData
 
-    rt = init_runtime(cfg)
-    data = TrainData(cfg, rt)
-    mask_id = data.manifest.tokenizer.mask_id
-    objective = build_objective(cfg.diffusion, mask_id=mask_id, seq_len=cfg.data.seq_len)
-    engine = build_engine(
-        cfg, rt, vocab_size=data.vocab_size, mask_token_id=mask_id, objective=objective
-    )
+    rt, data, objective, engine = build_step(cfg)
     accum = cfg.train.grad_accum_steps
 
     def step(i: int) -> None:

@@ -105,14 +105,13 @@ def config(a, compile_layers: bool):
     return load_config(a.config, overrides)
 
 
-def build_ours(a, compile_layers: bool):
-    from pretrain.diffusion.corruption import CorruptionKey
+def build_step(cfg):
+    """What the trainer builds for a fresh run of `cfg`: (runtime, data, objective, engine)."""
     from pretrain.diffusion.objective import build_objective
     from pretrain.parallel.engine import build_engine
     from pretrain.parallel.runtime import init_runtime
     from pretrain.trainer import TrainData
 
-    cfg = config(a, compile_layers)
     rt = init_runtime(cfg)
     data = TrainData(cfg, rt)
     mask_id = data.manifest.tokenizer.mask_id
@@ -120,6 +119,14 @@ def build_ours(a, compile_layers: bool):
     engine = build_engine(
         cfg, rt, vocab_size=data.vocab_size, mask_token_id=mask_id, objective=objective
     )
+    return rt, data, objective, engine
+
+
+def build_ours(a, compile_layers: bool):
+    from pretrain.diffusion.corruption import CorruptionKey
+
+    cfg = config(a, compile_layers)
+    rt, data, objective, engine = build_step(cfg)
     counter = iter(range(10**9))
 
     def next_batch():
