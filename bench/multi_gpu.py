@@ -82,26 +82,20 @@ def timing(cfg, steps: int) -> dict:
     import torch
     from train_step import build_step
 
-    from pretrain.diffusion.corruption import CorruptionKey
+    from pretrain.trainer import step_batches
 
     rt, data, objective, engine = build_step(cfg)
-    accum = cfg.train.grad_accum_steps
 
     def step(i: int) -> None:
-        batches = [
-            objective.prepare(
-                next(data.stream).to(rt.device),
-                CorruptionKey(cfg.train.seed, i, m, rt.dp_rank, accum, rt.dp),
-            )
-            for m in range(accum)
-        ]
-        engine.global_metrics(engine.train_step(batches))
+        engine.global_metrics(engine.train_step(step_batches(data, objective, cfg, rt, i)))
 
     for i in range(3):  # warm-up (compilation)
         step(i)
     t0 = time.perf_counter()
     for i in range(steps):
         step(3 + i)
+    if rt.device.type == "cuda":  # a step leaves its metrics on the device: wait for the last
+        torch.cuda.synchronize()
     elapsed = (time.perf_counter() - t0) / steps
     out = {"tokens_per_s_per_device": data.global_tokens_per_step / elapsed / rt.world_size}
     if rt.device.type == "cuda":

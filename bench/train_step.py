@@ -123,29 +123,36 @@ def build_step(cfg):
 
 
 def build_ours(a, compile_layers: bool):
-    from pretrain.diffusion.corruption import CorruptionKey
+    from pretrain.trainer import step_batches
 
     cfg = config(a, compile_layers)
     rt, data, objective, engine = build_step(cfg)
     counter = iter(range(10**9))
 
-    def next_batch():
-        key = CorruptionKey(cfg.train.seed, next(counter), 0, rt.dp_rank, 1, rt.dp)
-        return objective.prepare(next(data.stream).to(rt.device), key)
+    def next_batch():  # the trainer's corruption and host-to-device copies
+        return step_batches(data, objective, cfg, rt, next(counter))[0]
 
     return cfg, engine, objective, data, next_batch
 
 
 def run_ours(a, compile_layers: bool) -> dict:
+    from pretrain.parallel.engine import host_metrics
+
     cfg, engine, _, data, next_batch = build_ours(a, compile_layers)
-    masked = []
+    masked, pending = [], []
+
+    def read(metrics):
+        masked.extend(host_metrics(m)["masked_fraction"] for m in metrics)
+        metrics.clear()
 
     def step():
         batch = next_batch()
-        metrics = engine.train_step([batch])  # the trainer's call: metrics reach the host
-        masked.append(metrics["masked_fraction"])
+        pending.append(engine.global_metrics(engine.train_step([batch])))  # the trainer's call
+        if len(pending) == cfg.train.log_interval:  # the trainer reads metrics at its log lines
+            read(pending)
 
     result = measure(step, a)
+    read(pending)
     t0 = time.perf_counter()
     for _ in range(10):
         next_batch()
@@ -167,7 +174,7 @@ def run_ours(a, compile_layers: bool) -> dict:
 def run_reference(a) -> dict:
     from reference import build_reference
 
-    from pretrain.diffusion.corruption import CorruptionKey
+    from pretrain.diffusion.corruption import CorruptionKey, to_device
     from pretrain.diffusion.objective import build_objective
     from pretrain.model.transformer import padded_vocab_size
     from pretrain.parallel.runtime import init_runtime
@@ -185,17 +192,21 @@ def run_reference(a) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     forward = torch.compile(model)
     counter = iter(range(10**9))
+    losses = []
 
     def step():
         key = CorruptionKey(cfg.train.seed, next(counter))
-        batch = objective.prepare(next(data.stream).cuda(), key)
+        batch = objective.prepare(to_device(next(data.stream), "cuda"), key)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = forward(batch.inputs, batch.targets, batch.loss_weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()  # as ours: the loss reaches the host every step
+        losses.append(loss.detach())
+        if len(losses) == cfg.train.log_interval:  # as ours: the host reads at log lines
+            torch.stack(losses).tolist()
+            losses.clear()
 
     result = measure(step, a)
     result["flops_per_token"] = flops_per_token(cfg.model, padded, a.seq, 1.0)
@@ -210,7 +221,7 @@ def run_check(a) -> dict:
     cfg, engine, objective, data, next_batch = build_ours(a, False)
     batch = next_batch()
     with torch.no_grad():
-        ours = engine.eval_step(batch)["loss"]
+        ours = float(engine.eval_step(batch)["loss"])
         module = engine.ds.module
         canonical = {n: p.detach().float() for n, p in engine.canonical_parameters()}
         ref = build_reference(

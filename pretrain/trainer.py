@@ -21,13 +21,14 @@ from pretrain.checkpoint.manager import (
 )
 from pretrain.config import Config, flatten, to_yaml
 from pretrain.diffusion.auxiliary.metric import joint_consistency
-from pretrain.diffusion.corruption import CorruptionKey
+from pretrain.diffusion.corruption import CorruptionKey, to_device
 from pretrain.diffusion.objective import build_objective
 from pretrain.errors import DataError
-from pretrain.parallel.engine import build_engine
+from pretrain.parallel.engine import build_engine, host_metrics
 from pretrain.parallel.runtime import Runtime, init_runtime
 from pretrain.probe.hook import TrainingProbe
 from pretrain.tracking.mlflow_tracker import create_tracker
+from pretrain.tracking.window import MetricWindow
 
 
 @dataclass
@@ -99,33 +100,23 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     result = TrainResult(run_dir=run_dir, tracking_uri=tracker.uri, run_id=tracker.run_id)
     probe = TrainingProbe.build(cfg, data, engine, rt, say)  # eval.probe_interval > 0
     end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
-    accum = cfg.train.grad_accum_steps
-    window: dict[str, float] = defaultdict(float)  # metric sums since the last log line
+    window = MetricWindow()  # metrics stay on the device between log lines
     status = "FAILED"
     guard = PreemptionGuard.install()  # SIGTERM/SIGUSR1: checkpoint at a step boundary, stop
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
-            batches = []
-            for micro in range(accum):
-                tokens = data.stream.next_batch()  # loss_mask: False on truncation padding
-                batches.append(
-                    objective.prepare(
-                        tokens.tokens.to(rt.device),
-                        CorruptionKey(cfg.train.seed, step, micro, rt.dp_rank, accum, rt.dp),
-                        tokens.loss_mask.to(rt.device),
-                    )
-                )
-            metrics = engine.global_metrics(engine.train_step(batches))
+            batches = step_batches(data, objective, cfg, rt, step)
+            metrics = engine.global_metrics(engine.train_step(batches))  # no host sync
             done = step + 1
-            result.losses[done] = metrics["loss"]
-            metrics["step_time_s"] = time.perf_counter() - t0
-            metrics["steps"] = 1
-            for name, value in metrics.items():
-                window[name] += value
-            if done % cfg.train.log_interval == 0 or done == end:
-                steps = window.pop("steps")
-                logged = objective.summarize({name: v / steps for name, v in window.items()})
+            stop = guard.should_stop() and done < end  # collective: all ranks stop together
+            log_now = done % cfg.train.log_interval == 0 or done == end
+            eval_now = _every(cfg.train.eval_interval, done) or done == end
+            save_now = _every(cfg.train.checkpoint_interval, done) or done == end or stop
+            boundary = log_now or eval_now or save_now or probe.due(done)
+            result.losses |= window.add(done, metrics, started=t0, resolve=boundary)
+            if log_now:
+                logged = objective.summarize(window.means())
                 logged["tokens_per_s"] = data.global_tokens_per_step / logged["step_time_s"]
                 logged["lr"] = engine.lr
                 logged.update(data.metrics())
@@ -133,18 +124,14 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
                     logged["grad_norm"] = grad_norm
                 tracker.log_metrics(logged, step=done)
                 say(f"[dlm] step {done}/{cfg.train.steps} " + _kv(logged))
-                window = defaultdict(float)
-            if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) or done == end:
+            if eval_now:
                 result.evals[done] = evaluate(engine, objective, data, cfg, rt)
                 if cfg.auxiliary.eval_tokens_per_step:  # the parallel-decoding gap
                     result.evals[done] |= joint_consistency(engine, objective, data, cfg, rt)
                 tracker.log_metrics(result.evals[done], step=done)
                 say(f"[dlm] step {done} eval " + _kv(result.evals[done]))
             probe.maybe_run(done, tracker, say)
-            stop = guard.should_stop() and done < end  # collective: all ranks stop together
-            if (cfg.train.checkpoint_interval and done % cfg.train.checkpoint_interval == 0) or (
-                done == end or stop
-            ):
+            if save_now:
                 trainer_state = {
                     "data": data.stream.state_dict(),
                     "rng_cpu": torch.get_rng_state(),
@@ -242,6 +229,24 @@ class TrainData:
         return {"data/skipped_shards": self.stream.skipped_shards} if self.skip_bad else {}
 
 
+def step_batches(data: TrainData, objective, cfg: Config, rt: Runtime, step: int) -> list:
+    """The corrupted micro-batches of optimizer step `step` (0-based) on this rank.
+
+    The corruption is drawn on the host from keyed generators and reaches the device by
+    asynchronous copies (`to_device`), so preparing a step never waits for the previous one.
+    """
+    accum = cfg.train.grad_accum_steps
+    batches = []
+    for micro in range(accum):
+        tokens = data.stream.next_batch()  # loss_mask: False on truncation padding
+        key = CorruptionKey(cfg.train.seed, step, micro, rt.dp_rank, accum, rt.dp)
+        # the loss mask stays on the host: the objective decides masks there
+        batches.append(
+            objective.prepare(to_device(tokens.tokens, rt.device), key, tokens.loss_mask)
+        )
+    return batches
+
+
 def evaluate(engine, objective, data: TrainData, cfg: Config, rt: Runtime) -> dict[str, float]:
     """Validation NELBO on fixed sequences, t-grid and masks, so evaluations are comparable.
 
@@ -253,11 +258,16 @@ def evaluate(engine, objective, data: TrainData, cfg: Config, rt: Runtime) -> di
     sums: dict[str, float] = defaultdict(float)
     for i, x0 in enumerate(data.val):
         key = CorruptionKey(cfg.train.seed, 0, i, rt.dp_rank, len(data.val), rt.dp)
-        batch = objective.prepare_eval(x0.to(rt.device), key)
-        for name, value in engine.global_metrics(engine.eval_step(batch)).items():
+        batch = objective.prepare_eval(to_device(x0, rt.device), key)
+        for name, value in host_metrics(engine.global_metrics(engine.eval_step(batch))).items():
             sums[name] += value / len(data.val)
     means = objective.summarize(sums)
     return {f"val/{k}": means[k] for k in ("nelbo_per_token_slot", "ce_masked")}
+
+
+def _every(interval: int, step: int) -> bool:
+    """True every `interval` steps; never for an interval of 0."""
+    return bool(interval) and step % interval == 0
 
 
 def _kv(metrics: dict[str, float]) -> str:

@@ -103,7 +103,7 @@ def test_trainer_runs_losses_reports_cost_and_resumes_exactly(runtime, demo_data
 def test_engine_reports_auxiliary_metrics_and_extra_forwards(runtime, demo_data, tmp_path):
     from pretrain.diffusion.corruption import CorruptionKey
     from pretrain.diffusion.objective import build_objective
-    from pretrain.parallel.engine import build_engine
+    from pretrain.parallel.engine import build_engine, host_metrics
     from pretrain.trainer import TrainData
 
     cfg = load_config(
@@ -122,7 +122,7 @@ def test_engine_reports_auxiliary_metrics_and_extra_forwards(runtime, demo_data,
         cfg, runtime, vocab_size=data.vocab_size, mask_token_id=mask, objective=objective
     )
     batch = objective.prepare(next(data.stream), CorruptionKey(cfg.train.seed, 0))
-    metrics = engine.global_metrics(engine.train_step([batch]))
+    metrics = host_metrics(engine.global_metrics(engine.train_step([batch])))
     # self_correction 2 + energy_nce 3 + multistep_consistency (2 rollout steps) 3
     assert metrics["aux/extra_forwards_per_step"] == 8
     assert metrics["aux/seconds_per_step"] > 0

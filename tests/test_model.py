@@ -151,17 +151,25 @@ def test_sparse_output_head_equals_full_head_at_loss_positions(runtime, monkeypa
     positions = torch.rand(3, 17, generator=torch.Generator().manual_seed(1)) < 0.4
     weights = torch.rand(3, 17, generator=torch.Generator().manual_seed(2))
     results = []
-    for sparse in (False, True):
+    # full head; sparse rows found by nonzero(); sparse rows sized by the host's count
+    for sparse, count in ((False, None), (True, None), (True, int(positions.sum()))):
         m = build_model(small(), vocab_size=VOCAB, mask_token_id=MASK, seed=3)
-        ce = m(tokens, targets=tokens, loss_positions=positions if sparse else None)
+        ce = m(
+            tokens,
+            targets=tokens,
+            loss_positions=positions if sparse else None,
+            loss_count=count,
+        )
         ce = torch.where(positions, ce, 0.0)
         (ce * weights).sum().backward()
         results.append((ce.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
-    (ce_full, g_full), (ce_sparse, g_sparse) = results
+    (ce_full, g_full), *sparse_results = results
     assert positions.sum() > 8
-    torch.testing.assert_close(ce_sparse, ce_full, rtol=1e-5, atol=1e-6)
-    for name, grad in g_full.items():
-        torch.testing.assert_close(g_sparse[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for ce_sparse, g_sparse in sparse_results:
+        torch.testing.assert_close(ce_sparse, ce_full, rtol=1e-5, atol=1e-6)
+        for name, grad in g_full.items():
+            torch.testing.assert_close(g_sparse[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert torch.equal(sparse_results[0][0], sparse_results[1][0])  # the same rows, same order
     with torch.no_grad():  # evaluation takes the same path without recomputation
         ce_eval = build_model(small(), vocab_size=VOCAB, mask_token_id=MASK, seed=3)(
             tokens, targets=tokens, loss_positions=positions

@@ -58,6 +58,7 @@ class CausalLM(MaskedDiffusion):
             targets=targets,
             loss_weights=eligible.float(),
             masked=eligible,
+            num_masked=b * (s - 1) if loss_mask is None else None,
             t=torch.ones(b, device=x0.device),
             attention_mask=causal_mask(s, x0.device)[None, None],
         )
@@ -118,10 +119,11 @@ class ARAdaptation(MaskedDiffusion):
             batch.masked[:, 0] = False
             batch.loss_weights[:, 0] = 0.0
             batch.inputs[:, 0] = batch.targets[:, 0]
+            batch.num_masked = None  # changed by the line above, by an amount only the device knows
         return self._finish(batch, x0.shape[1], self.anneal_steps)
 
     def _finish(self, batch: DiffusionBatch, s: int, step: int) -> DiffusionBatch:
-        if self.shift:
+        if self.shift:  # column 0 is clean on both paths, so the shift keeps `num_masked`
             batch.targets = _shift_left(batch.targets, 0)
             batch.masked = _shift_left(batch.masked, False)
             batch.loss_weights = _shift_left(batch.loss_weights, 0.0)

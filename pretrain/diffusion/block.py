@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.diffusion.corruption import CorruptionKey, mask_tokens
+from pretrain.diffusion.corruption import CorruptionKey, mask_tokens, to_device
 from pretrain.diffusion.objective import (
     DiffusionBatch,
     MaskedDiffusion,
@@ -89,11 +89,13 @@ class BlockDiffusion(MaskedDiffusion):
     def _corrupt_blocks(self, x0, t, generators, loss_mask) -> DiffusionBatch:
         """x0 [b, L], t [b, n] -> batch over [x_t ; x0] of length 2L."""
         b, length = x0.shape
-        t_tok = t.to(x0.device).repeat_interleave(self.block_length, dim=1)  # [b, L]
+        # t stays on the host with the masks, which are then decided (and counted) there
+        t_tok = t.repeat_interleave(self.block_length, dim=1)  # [b, L]
         alpha = self.schedule.alpha(t_tok)
-        maskable = None if loss_mask is None else loss_mask.to(x0.device, torch.bool)
-        x_t, masked = mask_tokens(x0, alpha, self.mask_id, generators, maskable)
-        weights = torch.where(masked, self.z * self.schedule.weight(t_tok), 0.0).float()
+        maskable = None if loss_mask is None else loss_mask.bool()
+        x_t, masked, count = mask_tokens(x0, alpha, self.mask_id, generators, maskable)
+        weight = to_device(self.z * self.schedule.weight(t_tok), x0.device)  # [b, L]
+        weights = torch.where(masked, weight, 0.0).float()
         clean = torch.zeros_like(masked)
         positions = torch.arange(length, device=x0.device).repeat(2)  # [2L]
         return DiffusionBatch(
@@ -101,9 +103,10 @@ class BlockDiffusion(MaskedDiffusion):
             targets=torch.cat([x0, x0], dim=1),
             loss_weights=torch.cat([weights, torch.zeros_like(weights)], dim=1),
             masked=torch.cat([masked, clean], dim=1),
-            t=t.mean(dim=1).to(x0.device),
+            t=to_device(t.mean(dim=1), x0.device),
             attention_mask=self.mask(length, x0.device),
             position_ids=positions,
+            num_masked=count,  # the clean copy adds no masked positions
         )
 
     def mask(self, length: int, device) -> torch.Tensor:

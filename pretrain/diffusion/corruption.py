@@ -75,21 +75,46 @@ def sample_times(
     return (eps + (1.0 - eps) * t).float()
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait for the GPU's queued work.
+
+    A plain `.to("cuda")` of pageable memory synchronises the stream first, so the host stops
+    running ahead of the GPU once per copy. A copy from pinned memory with `non_blocking` is
+    ordered on the stream instead; PyTorch's pinned-memory cache keeps the staging buffer alive
+    until the copy has run.
+    """
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def mask_tokens(
     x0: torch.Tensor,
     alpha: torch.Tensor,
     mask_id: int,
     generators: list[torch.Generator],
     maskable: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """Each position independently stays x0 with probability alpha, else becomes `mask_id`.
 
     x0 [b, s]; alpha broadcastable to [b, s] (per-sequence [b, 1] or per-position [b, s]);
     generators: one per row; maskable [b, s] bool or None: positions that may be masked (a clean
-    prefix stays visible). Returns (x_t [b, s], masked [b, s] bool).
+    prefix stays visible). Returns (x_t [b, s], masked [b, s] bool, count): `count` is the number
+    of masked positions when the mask was decided on the host (alpha and maskable on the CPU, as
+    on the default path), else None; knowing it lets the model size its loss rows without
+    asking the GPU.
     """
-    u = torch.stack([torch.rand(x0.shape[1], generator=g) for g in generators]).to(x0.device)
-    masked = u >= alpha.to(x0.device)
-    if maskable is not None:
-        masked &= maskable
-    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
+    u = torch.stack([torch.rand(x0.shape[1], generator=g) for g in generators])  # [b, s] CPU
+    on_host = alpha.device.type == "cpu" and (maskable is None or maskable.device.type == "cpu")
+    if on_host:
+        masked = u >= alpha
+        if maskable is not None:
+            masked &= maskable
+        count = int(masked.sum())
+        masked = to_device(masked, x0.device)
+    else:
+        masked = to_device(u, x0.device) >= alpha.to(x0.device)
+        if maskable is not None:
+            masked &= maskable.to(x0.device)
+        count = None
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked, count

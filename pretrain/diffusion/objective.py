@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config import DiffusionConfig
-from pretrain.diffusion.corruption import CorruptionKey, mask_tokens, sample_times
+from pretrain.diffusion.corruption import CorruptionKey, mask_tokens, sample_times, to_device
 from pretrain.diffusion.schedules import NoiseSchedule, build_schedule
 from pretrain.errors import ConfigError
 
@@ -33,6 +33,8 @@ class DiffusionBatch:
     """[b]: diffusion time per sequence."""
     attention_mask: torch.Tensor | None = None
     """None (bidirectional) or bool [b|1, 1, s, s], True = may attend."""
+    num_masked: int | None = None
+    """`masked.sum()` when the host knows it without a device sync (else None)."""
     position_ids: torch.Tensor | None = None
     """None (0..s-1) or long [s]: RoPE positions shared by the batch (block diffusion)."""
 
@@ -115,7 +117,8 @@ class MaskedDiffusion:
         """
         t = sample_times(x0.shape[0], key, eps=self.eps, antithetic=self.antithetic)
         visible = self._prefix(x0, key)
-        if loss_mask is not None and not bool(loss_mask.all()):  # all True: the default path
+        # all True: the default path (a host loss_mask answers this without a device sync)
+        if loss_mask is not None and not bool(loss_mask.all()):
             hidden_from_loss = ~loss_mask.to(device=x0.device, dtype=torch.bool)
             visible = hidden_from_loss if visible is None else visible | hidden_from_loss
         return self._corrupt(x0, t, key.row_generators(x0.shape[0], "mask"), visible)
@@ -151,19 +154,21 @@ class MaskedDiffusion:
         if visible is None and not sched.position_aware and sched.is_nelbo:
             # shared schedule, nothing visible: one alpha and one weight per sequence
             alpha = sched.alpha(t)[:, None]  # [b, 1]
-            x_t, masked = mask_tokens(x0, alpha, self.mask_id, generators)
-            weight = (self.z * sched.weight(t))[:, None].to(x0.device)  # [b, 1]
+            x_t, masked, count = mask_tokens(x0, alpha, self.mask_id, generators)
+            weight = to_device((self.z * sched.weight(t))[:, None], x0.device)  # [b, 1]
             loss_weights = masked.float() * weight
-            return DiffusionBatch(x_t, x0, loss_weights, masked, t.to(x0.device))
+            t = to_device(t, x0.device)
+            return DiffusionBatch(x_t, x0, loss_weights, masked, t, num_masked=count)
         distance = context_distance(visible, x0)  # [b, s]
         tt = t.to(x0.device, torch.float64)[:, None]  # [b, 1]
         alpha = sched.alpha(tt, distance, x0).expand(x0.shape)  # [b, s]
         maskable = None if visible is None else ~visible
-        x_t, masked = mask_tokens(x0, alpha.float(), self.mask_id, generators, maskable)
+        x_t, masked, count = mask_tokens(x0, alpha.float(), self.mask_id, generators, maskable)
         weight = sched.loss_weight(tt, self.eps, distance, x0)
         # where() not a product: a weight may be 0/0 where a position cannot be masked
         loss_weights = torch.where(masked, weight, 0.0).float()
-        return DiffusionBatch(x_t, x0, loss_weights, masked, t.to(x0.device))
+        t = to_device(t, x0.device)
+        return DiffusionBatch(x_t, x0, loss_weights, masked, t, num_masked=count)
 
     def loss(self, ce: torch.Tensor, batch: DiffusionBatch) -> tuple[torch.Tensor, dict]:
         """ce [b, s] fp32 -> (scalar loss, detached metrics).

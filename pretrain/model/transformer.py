@@ -159,7 +159,11 @@ class OutputHead(torch.nn.Module):
         return ce.t()
 
     def sparse_cross_entropy(
-        self, hidden: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        positions: torch.Tensor,
+        count: int | None = None,
     ) -> torch.Tensor:
         """hidden [s, b, h], targets [b, s], positions bool [b, s] -> CE [b, s], 0 off `positions`.
 
@@ -168,9 +172,16 @@ class OutputHead(torch.nn.Module):
         `CE_CHUNK_BYTES`. Each chunk is recomputed in the backward pass instead of keeping its
         logits: the full [s, b, V] fp32 logits (8 GB for 8 x 2048 tokens at LLaDA's 126k vocab)
         never exist. Needs the whole sequence on this rank (no sequence parallelism).
+        `count` (= positions.sum(), when the caller knows it on the host) sizes the rows without
+        the device-to-host sync a data-dependent `nonzero` costs.
         """
         s, b, h = hidden.shape
-        rows = positions.t().reshape(-1).nonzero().squeeze(1)  # [n] indices into s*b
+        flat = positions.t().reshape(-1)  # [s*b], the layout of `hidden`
+        if count is not None and not flat.is_cuda and count != int(flat.sum()):
+            # a wrong count would silently drop or invent rows; checked where it costs nothing
+            raise ValueError(f"loss_count {count} != {int(flat.sum())} loss positions")
+        found = flat.nonzero() if count is None else torch.nonzero_static(flat, size=count)
+        rows = found.squeeze(1)  # [n] indices into s*b
         selected = hidden.reshape(s * b, h).index_select(0, rows)  # [n, h]
         wanted = targets.t().reshape(-1).index_select(0, rows)  # [n]
         vocab_local = self.excluded.numel()
@@ -232,24 +243,26 @@ class DLMTransformer(torch.nn.Module):
         attention_mask: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         loss_positions: torch.Tensor | None = None,
+        loss_count: int | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [b, s] -> per-token CE [b, s] if `targets` is given, else logits [b, s, V/tp].
 
         `attention_mask`: None (bidirectional) or bool, broadcastable to [b, heads, s, s], True
         where attention is allowed. `loss_positions` (bool [b, s], with `targets`): compute the
-        CE only there (0 elsewhere), skipping the output layer at every other position.
-        `position_ids` ([s] long, shared by the batch; None = 0..s-1): RoPE positions, e.g. the
-        two copies 0..L-1 of block diffusion's [x_t ; x0].
+        CE only there (0 elsewhere), skipping the output layer at every other position;
+        `loss_count` (their number, if known on the host) spares a device sync.
+        `position_ids` ([s] long in [0, s), shared by the batch; None = 0..s-1): RoPE positions,
+        e.g. the two copies 0..L-1 of block diffusion's [x_t ; x0].
         """
         hidden = self.embedding(tokens)  # [s, b, h]
-        rope = self.rotary(tokens.shape[1])
-        if position_ids is not None:
-            rope = self.rotary(int(position_ids.max()) + 1)[position_ids]  # [s, 1, 1, d]
+        rope = self.rotary(tokens.shape[1])  # [s, 1, 1, d]
+        if position_ids is not None:  # a gather, not max(): no device sync for the table size
+            rope = rope[position_ids]
         for layer in self.layers:
             hidden = self._run_layer(layer, hidden, attention_mask, rope)
         if targets is not None and loss_positions is not None:
-            return self.head.sparse_cross_entropy(hidden, targets, loss_positions)
+            return self.head.sparse_cross_entropy(hidden, targets, loss_positions, loss_count)
         logits = self.head(hidden)  # [s, b, V/tp]
         if targets is not None:
             return OutputHead.cross_entropy(logits, targets)

@@ -6,7 +6,9 @@
                             (1F1B schedule, micro-batches = train.grad_accum_steps, ZeRO 0-1)
 
 Both take the optimizer step's micro-batches (already corrupted by the objective) and return the
-objective's metrics, averaged over the micro-batches, on the ranks that compute the loss. The
+objective's metrics, averaged over the micro-batches, on the ranks that compute the loss, as
+0-dim tensors left on the device: the host reads them when it logs (`host_metrics`), so a step
+never waits for the GPU to finish and the host queues the next one meanwhile. The
 optimizer is a plain torch AdamW handed to DeepSpeed (fused kernel on CUDA): DeepSpeed's own Adam
 variants need compiled ops, and a torch optimizer keeps CPU and GPU runs identical.
 """
@@ -164,21 +166,27 @@ class Engine:
         """True on the ranks whose metrics count: the last pipeline stage, TP rank 0."""
         return self.rt.pp_rank == self.rt.pp - 1 and self.rt.tp_rank == 0
 
-    def global_metrics(self, local: dict[str, float]) -> dict[str, float]:
+    def global_metrics(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Average the objective's metrics over data-parallel replicas, on every rank.
 
         Only the last pipeline stage computes them and TP ranks duplicate them, so one rank per
         replica contributes to a sum over the world, which is then divided by the replica count.
+        The sum is one all-reduce of a float64 vector on the device; nothing waits for it here.
         """
         names = tuple(self.objective.metric_names)
         if self.auxiliary is not None:  # training steps also report the auxiliary losses
             names += tuple(n for n in self.auxiliary.metric_names if n in local)
-        values = [local[n] if self.owns_metrics else 0.0 for n in names]
         if self.rt.world_size == 1:
-            return dict(zip(names, values, strict=True))
-        vector = torch.tensor(values, dtype=torch.float64, device=self.rt.device)
+            return {n: local[n] for n in names}
+        device = self.rt.device
+        if self.owns_metrics:
+            vector = torch.stack(
+                [torch.as_tensor(local[n]).to(device, torch.float64) for n in names]
+            )
+        else:
+            vector = torch.zeros(len(names), dtype=torch.float64, device=device)
         torch.distributed.all_reduce(vector)
-        return dict(zip(names, (vector / self.rt.dp).tolist(), strict=True))
+        return dict(zip(names, (vector / self.rt.dp).unbind(), strict=True))
 
     @property
     def lr(self) -> float:
@@ -200,8 +208,20 @@ class Engine:
         raise NotImplementedError
 
 
-def _mean(metrics: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    return {k: sum(m[k].item() for m in metrics) / len(metrics) for k in metrics[0]}
+def _mean(metrics: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-name mean over micro-batches, in float64, on the metrics' device."""
+    return {k: torch.stack([m[k].double() for m in metrics]).mean() for k in metrics[0]}
+
+
+def host_metrics(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Metrics as Python floats: the device-resident ones in one copy (one sync, not one per
+    value); host tensors and floats cost nothing."""
+    on_device = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor) and not v.is_cpu}
+    out = {k: float(v) for k, v in metrics.items() if k not in on_device}
+    if on_device:
+        values = torch.stack([v.detach().double() for v in on_device.values()]).tolist()
+        out.update(zip(on_device, values, strict=True))
+    return {k: out[k] for k in metrics}
 
 
 class DataParallelEngine(Engine):
@@ -215,6 +235,7 @@ class DataParallelEngine(Engine):
                 targets=batch.targets,
                 attention_mask=batch.attention_mask,
                 loss_positions=batch.masked if self.sparse_output else None,
+                loss_count=batch.num_masked if self.sparse_output else None,
                 position_ids=batch.position_ids,
             )
         loss, metrics = self.objective.loss(ce, batch)

@@ -122,8 +122,11 @@ class TrainingProbe:
         )
         return cls(probe, interval, Path(cfg.run.output_dir) / cfg.run.name / "probe", rt.is_main)
 
+    def due(self, step: int) -> bool:
+        return self.probe is not None and step % self.interval == 0
+
     def maybe_run(self, step: int, tracker, say) -> dict[str, float]:
-        if self.probe is None or step % self.interval:
+        if not self.due(step):
             return {}
         metrics, json_path, png = self.probe.run(self.out_dir, name=f"probe_step_{step:08d}")
         if self.is_main:

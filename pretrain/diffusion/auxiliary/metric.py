@@ -31,6 +31,7 @@ from pretrain.diffusion.corruption import CorruptionKey, derived_generator
 def joint_consistency(engine, objective, data, cfg, rt) -> dict[str, float]:
     from data_pipeline.grammar import agreement_error_rate
     from data_pipeline.tokenizer import load_tokenizer
+    from pretrain.parallel.engine import host_metrics
     from pretrain.sampling.sampler import generate
 
     data_dir = Path(cfg.data.sources[0].path if cfg.data.sources else cfg.data.path)
@@ -56,7 +57,8 @@ def joint_consistency(engine, objective, data, cfg, rt) -> dict[str, float]:
         texts = [tokenizer.decode(row.tolist()) for row in samples.cpu()]
         error, parsed = agreement_error_rate(texts)
         key = CorruptionKey(cfg.train.seed, 0, 0, rt.dp_rank, 1, rt.dp)
-        nelbo = engine.global_metrics(engine.eval_step(objective.prepare_eval(samples, key)))
+        batch = objective.prepare_eval(samples, key)
+        nelbo = host_metrics(engine.global_metrics(engine.eval_step(batch)))
         out[f"jc/agreement_error_tps{k}"] = error
         out[f"jc/parsed_sentences_tps{k}"] = float(parsed)
         out[f"jc/sample_nelbo_tps{k}"] = nelbo["nelbo_per_token_slot"]

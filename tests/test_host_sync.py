@@ -1,0 +1,82 @@
+"""What keeps the training step free of host syncs, checked where it can be on a CPU: the host
+knows the masked count it hands the model, and metrics stay tensors until the window resolves."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from pretrain.config import DiffusionConfig
+from pretrain.diffusion.corruption import CorruptionKey, mask_tokens
+from pretrain.diffusion.objective import build_objective
+from pretrain.parallel.engine import host_metrics
+from pretrain.tracking.window import MetricWindow
+
+V, L, MASK = 50, 32, 50
+
+
+def test_mask_tokens_counts_the_masks_it_draws_on_the_host():
+    x0 = torch.randint(0, V, (6, L), generator=torch.Generator().manual_seed(0))
+    gens = CorruptionKey(0, 1).row_generators(6, "mask")
+    alpha = torch.linspace(0.1, 0.9, 6)[:, None]
+    maskable = torch.arange(L)[None].expand(6, L) >= 5
+    x_t, masked, count = mask_tokens(x0, alpha, MASK, gens, maskable)
+    assert count == int(masked.sum()) and 0 < count < 6 * L
+    assert not masked[:, :5].any() and torch.equal(x_t == MASK, masked)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # the default path: a shared schedule
+        {"schedule": "distance"},  # position-aware
+        {"prefix_probability": 0.5},  # prefix conditioning
+        {"objective": "block", "block_length": 8},
+    ],
+    ids=["masked", "distance", "prefix", "block"],
+)
+def test_every_objective_batch_knows_its_masked_count(overrides):
+    obj = build_objective(DiffusionConfig(**overrides), mask_id=MASK, seq_len=L)
+    x0 = torch.randint(0, V, (8, L), generator=torch.Generator().manual_seed(1))
+    loss_mask = torch.ones(8, L, dtype=torch.bool)
+    loss_mask[0, :7] = False  # an SFT prompt: never masked, never counted
+    for mask in (None, loss_mask):
+        batch = obj.prepare(x0, CorruptionKey(0, 2), mask)
+        assert batch.num_masked == int(batch.masked.sum()) > 0
+        if mask is not None:
+            assert not batch.masked[0, :7].any()
+    eval_batch = obj.prepare_eval(x0, CorruptionKey(0, 0))
+    assert eval_batch.num_masked == int(eval_batch.masked.sum())
+
+
+def test_host_metrics_reads_tensors_and_floats():
+    metrics = {"loss": torch.tensor(2.5), "n": 3.0, "frac": torch.tensor(0.25, dtype=torch.float64)}
+    assert host_metrics(metrics) == {"loss": 2.5, "n": 3.0, "frac": 0.25}
+    assert list(host_metrics(metrics)) == ["loss", "n", "frac"]  # order kept
+
+
+def test_metric_window_resolves_only_when_asked_and_averages_the_window():
+    window = MetricWindow()
+    start = time.perf_counter()
+    assert (
+        window.add(
+            1, {"loss": torch.tensor(4.0), "x": torch.tensor(1.0)}, started=start, resolve=False
+        )
+        == {}
+    )
+    with pytest.raises(RuntimeError, match="resolve"):
+        window.means()  # step 1 is still pending
+    losses = window.add(
+        2,
+        {"loss": torch.tensor(2.0), "x": torch.tensor(3.0)},
+        started=time.perf_counter(),
+        resolve=True,
+    )
+    assert losses == {1: 4.0, 2: 2.0}
+    means = window.means()
+    assert means["loss"] == 3.0 and means["x"] == 2.0
+    assert 0 < means["step_time_s"] < time.perf_counter() - start
+    losses = window.add(3, {"loss": torch.tensor(1.0)}, started=time.perf_counter(), resolve=True)
+    assert losses == {3: 1.0} and window.means()["loss"] == 1.0  # reset after means()
