@@ -37,6 +37,7 @@ class PreemptionGuard:
         self.received: int | None = None
         """The signal number that arrived first, or None."""
         self._previous: dict[int, object] = {}
+        self._host_group = None  # the process group should_stop() reduces over (gloo)
 
     @classmethod
     def install(cls) -> PreemptionGuard:
@@ -61,16 +62,20 @@ class PreemptionGuard:
     def should_stop(self) -> bool:
         """Collective under torch.distributed: True on every rank if any rank got a signal.
 
-        One all-reduce of one integer per step (microseconds next to a training step).
+        One all-reduce of one integer per step, on the host: the flag is host data, and an NCCL
+        all-reduce of it would make the host wait for the GPU's queued step every step (a
+        `.item()` on a device tensor). So the flag goes through a gloo group of its own over the
+        same ranks (whatever the default backend), created at the first call, which every rank
+        makes at the same step.
         """
         import torch
         import torch.distributed as dist
 
         flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if self._host_group is None:
+                self._host_group = dist.new_group(backend="gloo")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group)
         return bool(flag.item())
 
     def mark_preempted(self, run_dir: Path, step: int, *, is_main: bool) -> int:

@@ -208,3 +208,48 @@ def test_sigterm_to_every_process_with_loader_workers_still_checkpoints(demo_dat
     assert "preempted at step" in log and " checkpoint " in log
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, "the loader workers must end with the trainer"
+
+
+def _guard_worker(rank: int, world: int, port: int, queue) -> None:
+    """Each rank steps, all-reducing on the default group as training does, and asks the guard
+    after every step; only rank 1 is signalled, after its step 3."""
+    import torch
+    import torch.distributed as dist
+
+    from launcher.signals import PreemptionGuard
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    guard = PreemptionGuard.install()
+    try:
+        for step in range(1, 50):
+            grads = torch.full((4,), float(rank))
+            dist.all_reduce(grads)  # a training collective between the stop checks
+            if rank == 1 and step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)  # lands in the handler before the check
+            if guard.should_stop():
+                queue.put((rank, step, guard.received))
+                return
+        queue.put((rank, None, guard.received))
+    finally:
+        guard.uninstall()
+        dist.destroy_process_group()
+
+
+def test_a_signal_seen_by_one_rank_stops_every_rank_at_the_same_step():
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    world, port = 3, free_port()
+    procs = [ctx.Process(target=_guard_worker, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert [step for _, step, _ in results] == [3, 3, 3], results
+    # only rank 1 received the signal; the others stop because the flag was reduced over all
+    assert [received for _, _, received in results] == [None, signal.SIGUSR1, None]
