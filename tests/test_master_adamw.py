@@ -85,5 +85,28 @@ def test_gradients_accumulate_in_fp32_and_clip_on_device():
     opt.step()
     norm = opt._global_grad_norm
     assert norm.dim() == 0 and abs(norm.item() - (9 + 9 * 2**-18) ** 0.5) < 1e-5
-    assert opt.state[p]["grad"].abs().sum() == 0  # zeroed for the next accumulation
     assert opt.state[p]["master"][0] < 0 and p[0] == opt.state[p]["master"][0].bfloat16()
+    # the next step starts afresh: its first gradient replaces the buffer's old contents
+    (p.float() * torch.tensor([0.0, 0.0, 5.0, 0.0])).sum().backward()
+    torch.testing.assert_close(opt.state[p]["grad"], torch.tensor([0.0, 0.0, 5.0, 0.0]))
+
+
+def test_a_parameter_without_gradient_in_a_step_contributes_nothing():
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    q = torch.nn.Parameter(torch.zeros(2))  # used in the first step only
+    opt = MasterWeightAdamW(
+        [{"params": [p, q], "weight_decay": 0.0}],
+        lr=0.1,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        max_grad_norm=0.0,
+    )
+    (3 * p.sum() + 4 * q.sum()).backward()
+    opt.step()
+    assert abs(opt._global_grad_norm.item() - (2 * 9 + 2 * 16) ** 0.5) < 1e-5
+    (3 * p.sum()).backward()  # q gets no gradient: its old one must not count again
+    opt.step()
+    assert abs(opt._global_grad_norm.item() - (2 * 9) ** 0.5) < 1e-5
+    assert opt.state[q]["grad"].abs().sum() == 0
