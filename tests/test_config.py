@@ -104,3 +104,20 @@ def test_every_field_is_documented():
     assert all(
         dataclasses.is_dataclass(getattr(Config(), f.name)) for f in dataclasses.fields(Config)
     )
+
+
+def test_time_limits_stay_strings_without_quotes(tmp_path):
+    """YAML 1.1 reads 12:00:00 as the base-60 integer 43200; our loader keeps it a string, in a
+    file and in an override, while ordinary integers stay integers."""
+    path = tmp_path / "c.yaml"
+    path.write_text("launch:\n  time: 12:00:00\n  nodes: 2\ntrain:\n  steps: 17\n")
+    cfg = load_config(path)
+    assert cfg.launch.time == "12:00:00" and cfg.launch.nodes == 2 and cfg.train.steps == 17
+    assert load_config(path, ["launch.time=4:30:00"]).launch.time == "4:30:00"
+    assert load_config(to_yaml_file(cfg, tmp_path)).launch.time == "12:00:00"  # round trip
+
+
+def to_yaml_file(cfg: Config, tmp_path) -> str:
+    out = tmp_path / "round.yaml"
+    out.write_text(to_yaml(cfg))
+    return str(out)

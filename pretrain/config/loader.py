@@ -28,6 +28,31 @@ from pretrain.errors import ConfigError
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's base-60 integers (as YAML 1.2 does), so that a Slurm time
+    limit written `time: 12:00:00` stays the string it looks like instead of becoming 43200."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [
+        (
+            tag,
+            re.compile(
+                r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"
+            ),
+        )
+        if tag == "tag:yaml.org,2002:int"
+        else (tag, regexp)
+        for tag, regexp in resolvers
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load `path` (or the defaults when None), apply `key.sub=value` overrides, validate."""
     data: dict[str, Any] = {}
@@ -39,7 +64,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = _load_yaml(text) or {}
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"{path}: not valid YAML ({first})") from None
@@ -60,7 +85,7 @@ def apply_override(cfg: Config, item: str) -> Config:
     key, raw = item.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     data = to_dict(cfg)

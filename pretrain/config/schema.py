@@ -281,8 +281,8 @@ class LaunchConfig:
     account: str | None = None
     """Slurm account (--account); null uses the user's default."""
     time: str = "24:00:00"
-    """Slurm wall-clock limit (--time), e.g. "4:00:00" or "2-00:00:00"; quote it (YAML 1.1 reads
-    an unquoted 4:00:00 as the number 14400)."""
+    """Slurm wall-clock limit (--time), e.g. 4:00:00 or 2-00:00:00 (quotes optional: our YAML
+    loader does not read 4:00:00 as a base-60 number)."""
     cpus_per_node: int | None = None
     """Slurm --cpus-per-task for the one task per node; null lets slurm decide."""
     container_image: str | None = None
