@@ -298,3 +298,50 @@ def test_export_of_a_real_tp2_pp2_run_equals_the_single_process_export(
     earlier = _tensors(half)
     moved = max((want[n] - earlier[n]).abs().max().item() for n in want)
     assert moved > 10 * PARAM_ATOL  # the last 3 steps alone move weights far beyond the tolerance
+
+
+def test_export_streams_one_layer_at_a_time(trained, tmp_path, monkeypatch):
+    """The exporter never holds the model: whenever a shard is written, only a few canonical
+    tensors are still alive (those of the shard and of the layer being converted), and each is
+    read from the checkpoint exactly once. The streamed export loads with equal weights."""
+    import weakref
+
+    import pretrain.hf.export as export
+
+    reads: list[str] = []
+    alive: list[weakref.ref] = []
+    at_flush: list[int] = []
+    full, save = CheckpointReader.full, export.save_file
+
+    def tracked_full(self, name, kind="param"):
+        tensor = full(self, name, kind)
+        reads.append(name)
+        alive.append(weakref.ref(tensor))
+        return tensor
+
+    def tracked_save(tensors, path, metadata=None):
+        at_flush.append(sum(ref() is not None for ref in alive))
+        save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(CheckpointReader, "full", tracked_full)
+    monkeypatch.setattr(export, "save_file", tracked_save)
+    checkpoint = trained["result"].checkpoint
+    out = export_checkpoint(checkpoint, tmp_path / "streamed", max_shard_size="1B", register=False)
+    names = CheckpointReader(checkpoint).names()
+    assert sorted(reads) == sorted(names)  # every canonical tensor read once
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) == len(at_flush) > len(names)  # one tensor per shard at 1 byte
+    # the shard's tensor, the next one, and the fused qkv / fc1 they are split from
+    assert max(at_flush) <= 4 < len(names), at_flush
+    from safetensors.torch import load_file
+
+    streamed = {k: v for shard in shards for k, v in load_file(shard).items()}
+    reference = {}
+    for file in sorted(trained["hf"].glob("*.safetensors")):
+        reference |= load_file(file)
+    assert streamed.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(streamed[name], tensor), name
+    # the model card counts parameters from the config, without reading tensors: the same count
+    total = sum(t.numel() for t in streamed.values())
+    assert f"| parameters | {total / 1e6:.2f}M |" in (out / "README.md").read_text()

@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from pretrain.errors import ConfigError
-from pretrain.hf.mapping import Shape, to_hf
+from pretrain.hf.mapping import Shape, to_hf_items
 from pretrain.hf.model_card import final_metrics, write_model_card
 from pretrain.hf.outdir import publish, staging_dir
 from pretrain.hf.source import TrainedModel, read_checkpoint
@@ -76,32 +77,47 @@ def hf_config(model: TrainedModel, dtype: str) -> dict:
     }
 
 
-def hf_state_dict(model: TrainedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    shape = Shape.of(model.config.model)
-    return {name: t.to(dtype) for name, t in to_hf(model.state, shape).items()}
+def hf_tensors(model: TrainedModel, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The exported (name, tensor) pairs in `dtype`, produced one layer at a time."""
+    for name, tensor in to_hf_items(model.state, Shape.of(model.config.model)):
+        yield name, tensor.to(dtype)
 
 
-def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> list[str]:
+def write_weights(
+    tensors: Iterable[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int
+) -> list[str]:
     """One `model.safetensors`, or shards of at most `max_shard_bytes` (a larger tensor gets a
-    shard of its own) plus the index that `from_pretrained` follows. Returns the files."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(state):
-        nbytes = state[name].numel() * state[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = state[name]
+    shard of its own) plus the index that `from_pretrained` follows. Returns the files.
+
+    Streams: a shard is written as soon as it is full, so memory holds one shard and the layer
+    being converted, not the model. Shards get their final `-of-N` names once N is known.
+    """
+    parts: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        part = out / f"part-{len(parts):05d}.safetensors"
+        save_file(shard, str(part), metadata={"format": "pt"})
+        parts.append((part, list(shard)))
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = tensor
         size += nbytes
-    if len(shards) == 1:
-        save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
+        total += nbytes
+    flush()
+    if len(parts) == 1:
+        parts[0][0].rename(out / WEIGHTS)
         return [WEIGHTS]
-    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
     weight_map = {}
-    for file, tensors in zip(files, shards, strict=True):
-        save_file(tensors, str(out / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file))
-    total = sum(t.numel() * t.element_size() for t in state.values())
+    for file, (part, names) in zip(files, parts, strict=True):
+        part.rename(out / file)
+        weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return [*files, INDEX]
@@ -168,7 +184,7 @@ def write_directory(
     DLMConfig(**hf_config(model, dtype)).save_pretrained(str(staging))
     for name in MODELING_FILES:
         shutil.copy2(HERE / name, staging / name)
-    write_weights(hf_state_dict(model, DTYPES[dtype]), staging, max_bytes)
+    write_weights(hf_tensors(model, DTYPES[dtype]), staging, max_bytes)
     generation = {
         "mask_token_id": model.tokenizer.mask_id,
         "eos_token_id": model.tokenizer.eos_id,

@@ -13,6 +13,7 @@ weights (HF -> ours). Everything else is a rename.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -66,21 +67,25 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Shape) ->
     return grouped.reshape(-1, h)
 
 
-def to_hf(canonical: dict[str, torch.Tensor], shape: Shape) -> dict[str, torch.Tensor]:
-    """Canonical state dict -> `DLMForMaskedLM` / Llama-style state dict."""
-    out = {hf: canonical[ours] for ours, hf in _TOP.items()}
+def to_hf_items(
+    canonical: Mapping[str, torch.Tensor], shape: Shape
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Canonical tensors -> `DLMForMaskedLM` / Llama-style (name, tensor) pairs, one layer at a
+    time: each canonical tensor is looked up once, when its layer comes, so with a lazy
+    `canonical` (`pretrain.hf.source.CanonicalState`) only a layer's tensors are in memory."""
+    for ours, hf in _TOP.items():
+        yield hf, canonical[ours].contiguous()
     for i in range(shape.num_layers):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         for src, dst in _RENAMES.items():
-            out[hf + dst] = canonical[ours + src]
+            yield hf + dst, canonical[ours + src].contiguous()
         q, k, v = split_qkv(canonical[ours + "self_attention.linear_qkv.weight"], shape)
-        out[hf + "self_attn.q_proj.weight"] = q
-        out[hf + "self_attn.k_proj.weight"] = k
-        out[hf + "self_attn.v_proj.weight"] = v
+        yield hf + "self_attn.q_proj.weight", q.contiguous()
+        yield hf + "self_attn.k_proj.weight", k.contiguous()
+        yield hf + "self_attn.v_proj.weight", v.contiguous()
         gate, up = canonical[ours + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out[hf + "mlp.gate_proj.weight"] = gate
-        out[hf + "mlp.up_proj.weight"] = up
-    return {name: t.contiguous() for name, t in out.items()}
+        yield hf + "mlp.gate_proj.weight", gate.contiguous()
+        yield hf + "mlp.up_proj.weight", up.contiguous()
 
 
 def from_hf(hf: dict[str, torch.Tensor], shape: Shape) -> dict[str, torch.Tensor]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pretrain.parallel.memory import parameter_counts
+
 CARD_TEMPLATE = """---
 library_name: transformers
 pipeline_tag: fill-mask
@@ -77,7 +79,8 @@ def write_model_card(out: Path, model, metrics: dict[str, float] | None, config:
             "max_position_embeddings",
         )
     }
-    arch["parameters"] = f"{sum(t.numel() for t in model.state.values()) / 1e6:.2f}M"
+    total = parameter_counts(model.config.model, model.vocab_size)["total"]  # reads no tensor
+    arch["parameters"] = f"{total / 1e6:.2f}M"
     if metrics:
         rows = "\n".join(f"| `{k}` | {v:.6g} |" for k, v in metrics.items())
         table = f"From MLflow run `{model.run_id}`:\n\n| metric | value |\n|---|---|\n{rows}"

@@ -8,6 +8,7 @@ decide which shard file holds which tensor. So export reads the same tensors fro
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,7 +71,8 @@ class TrainedModel:
     path: Path
     config: Config
     config_yaml: str
-    state: dict[str, torch.Tensor]
+    state: Mapping[str, torch.Tensor]
+    """Canonical tensors by name, read from the checkpoint on access (`CanonicalState`)."""
     tokenizer: TokenizerRecord
     step: int
     run_id: str | None
@@ -85,8 +87,29 @@ class TrainedModel:
         return padded_vocab_size(self.vocab_size, self.config.model.make_vocab_size_divisible_by)
 
 
+class CanonicalState(Mapping[str, torch.Tensor]):
+    """A checkpoint's canonical tensors as a read-only mapping that reads (and joins the TP
+    shards of) a tensor when it is looked up, and keeps nothing: an export streams through it,
+    so exporting an 8B model never holds its 32 GB of fp32 weights at once."""
+
+    def __init__(self, reader: CheckpointReader):
+        self._reader = reader
+        self._names = sorted(reader.names())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._reader.index:
+            raise KeyError(name)
+        return self._reader.full(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def read_checkpoint(path: str | Path, *, data_dir: str | Path | None = None) -> TrainedModel:
-    """Verify a complete checkpoint and merge all its shards into canonical tensors."""
+    """Verify a complete checkpoint; its canonical tensors are read when looked up."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
@@ -102,7 +125,7 @@ def read_checkpoint(path: str | Path, *, data_dir: str | Path | None = None) -> 
     cfg.validate()
     reader = CheckpointReader(path)
     reader.check_matches(canonical_names(cfg.model.num_layers))
-    state = {name: reader.full(name) for name in sorted(reader.names())}
+    state = CanonicalState(reader)
     if data_dir is None:
         data_dir = path if (path / TOKENIZER_RECORD).is_file() else Path(cfg.data.path)
     run_id = None
