@@ -207,22 +207,32 @@ class TrainData:
             cfg.train.micro_batch_size * cfg.train.grad_accum_steps * rt.dp * cfg.data.seq_len
         )
         self.val: list[torch.Tensor] = []
+        self._val_source = dict(
+            data_dir=sources[0].path,
+            split="val",
+            num_batches=cfg.train.eval_batches,
+            verify_checksums=cfg.data.verify_checksums,
+            shard_url=sources[0].shard_url,
+        )
+        self._micro, self._dp = cfg.train.micro_batch_size, rt.dp
         if cfg.train.eval_batches and self.manifest.splits.get("val"):
             self.val = list(
                 eval_batches(
-                    sources[0].path,
-                    "val",
-                    batch_size=cfg.train.micro_batch_size,
-                    num_batches=cfg.train.eval_batches,
-                    dp_rank=rt.dp_rank,
-                    dp_size=rt.dp,
-                    verify_checksums=cfg.data.verify_checksums,
-                    shard_url=sources[0].shard_url,
+                    batch_size=self._micro, dp_rank=rt.dp_rank, dp_size=rt.dp, **self._val_source
                 )
             )
         elif cfg.train.eval_batches:
             raise DataError(f"{sources[0].path}/manifest.json: no 'val' split to evaluate on")
         self.skip_bad = cfg.data.on_bad_shard == "skip"
+
+    def global_val(self) -> list[torch.Tensor]:
+        """The validation batches of every data-parallel replica together, one global batch per
+        tensor: what one process with the same global batch evaluates, whatever the layout."""
+        from data_pipeline.reader import eval_batches
+
+        if self._dp == 1 or not self.val:
+            return self.val
+        return list(eval_batches(batch_size=self._micro * self._dp, **self._val_source))
 
     def metrics(self) -> dict[str, float]:
         """Data-health counters logged with the training metrics (this rank's reader)."""

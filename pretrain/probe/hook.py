@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from pretrain.errors import DataError
 from pretrain.probe.buckets import distance_bucketed_ce
@@ -41,22 +42,46 @@ def val_prompts(val: list[torch.Tensor], count: int, length: int) -> list[torch.
 class ModelProbe:
     """Probe + bucketed CE of one model on fixed prompts, frequent tokens and validation data."""
 
-    def __init__(self, module, *, mask_id, eos_id, prompts, frequent_ids, val, num_masks):
+    def __init__(
+        self,
+        module,
+        *,
+        mask_id,
+        eos_id,
+        prompts,
+        frequent_ids,
+        val,
+        num_masks,
+        gather_logits: bool = False,
+    ):
         self.module = module
         self.mask_id, self.eos_id = mask_id, eos_id
         self.prompts, self.frequent_ids, self.val = prompts, frequent_ids, val
         self.num_masks = num_masks
+        self.gather_logits = gather_logits
+        """Tensor-parallel module: join the ranks' vocabulary slices of the logits."""
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         device = next(self.module.parameters()).device
-        return self.module(x.to(device))
+        logits = self.module(x.to(device))  # [b, s, V/tp]
+        if self.gather_logits:  # a plain all-gather: Megatron's allocates on the CUDA device
+            from megatron.core import parallel_state
+
+            group = parallel_state.get_tensor_model_parallel_group()
+            parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, logits.contiguous(), group=group)
+            logits = torch.cat(parts, dim=-1)  # [b, s, V], vocabulary slices in rank order
+        return logits
 
     def _ce(self, x_t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         device = next(self.module.parameters()).device
         return self.module(x_t.to(device), targets=x0.to(device))
 
     @torch.no_grad()
-    def run(self, out_dir: Path, *, name: str = "probe") -> tuple[dict, Path, Path]:
+    def run(
+        self, out_dir: Path, *, name: str = "probe", write: bool = True
+    ) -> tuple[dict, Path | None, Path | None]:
+        """The probe's metrics, and with `write` its JSON and PNG files (else None, None)."""
         was_training = self.module.training
         self.module.eval()
         try:
@@ -73,13 +98,15 @@ class ModelProbe:
             )
         finally:
             self.module.train(was_training)
+        metrics = dict(result.summary())
+        for label, row in buckets.items():
+            metrics[f"val/ce_dist_{label}"] = row["ce"]
+        if not write:
+            return metrics, None, None
         json_path, png = write_probe(result, out_dir, name=name)
         data = json.loads(json_path.read_text())
         data["distance_bucketed_ce"] = buckets
         json_path.write_text(json.dumps(data))
-        metrics = dict(result.summary())
-        for label, row in buckets.items():
-            metrics[f"val/ce_dist_{label}"] = row["ce"]
         return metrics, json_path, png
 
 
@@ -94,10 +121,13 @@ class TrainingProbe:
         interval = cfg.eval.probe_interval
         if not interval:
             return cls(None, 0, Path(), rt.is_main)
-        if rt.tp > 1 or rt.pp > 1 or cfg.parallel.zero_stage == 3:
-            # the probe runs the whole model on each rank: not with sharded weights
-            say("[dlm] eval.probe_interval: probe skipped for tp/pp > 1 or ZeRO-3 layouts")
+        if rt.pp > 1 or cfg.parallel.zero_stage == 3:
+            # the probe runs whole-model forwards: not on pipeline stages or ZeRO-3 partitions
+            say("[dlm] eval.probe_interval: probe skipped for pp > 1 or ZeRO-3 layouts")
             return cls(None, 0, Path(), rt.is_main)
+        if rt.dp_rank != 0:  # the first replica probes (its TP ranks together), the others wait
+            return cls(None, 0, Path(), rt.is_main)
+        val = data.global_val()  # the same prompts and data for every layout
         tok = data.manifest.tokenizer
         if cfg.eval.probe_prompts:
             from data_pipeline.tokenizer import load_tokenizer
@@ -105,20 +135,19 @@ class TrainingProbe:
             tokenizer = load_tokenizer(Path(cfg.data.path) / tok.file)
             prompts = read_prompts(cfg.eval.probe_prompts, tokenizer)
         else:
-            prompts = val_prompts(
-                data.val, cfg.eval.probe_prompt_count, cfg.eval.probe_prompt_tokens
-            )
+            prompts = val_prompts(val, cfg.eval.probe_prompt_count, cfg.eval.probe_prompt_tokens)
         if not prompts:
             raise DataError(f"{cfg.data.path}: eval.probe_interval needs a 'val' split for prompts")
-        frequent = frequent_token_ids(data.val or prompts, cfg.eval.frequent_tokens, (tok.mask_id,))
+        frequent = frequent_token_ids(val or prompts, cfg.eval.frequent_tokens, (tok.mask_id,))
         probe = ModelProbe(
             engine.ds.module,
             mask_id=tok.mask_id,
             eos_id=tok.eos_id,
             prompts=prompts,
             frequent_ids=frequent,
-            val=data.val,
+            val=val,
             num_masks=cfg.eval.probe_masks,
+            gather_logits=rt.tp > 1,
         )
         return cls(probe, interval, Path(cfg.run.output_dir) / cfg.run.name / "probe", rt.is_main)
 
@@ -128,8 +157,9 @@ class TrainingProbe:
     def maybe_run(self, step: int, tracker, say) -> dict[str, float]:
         if not self.due(step):
             return {}
-        metrics, json_path, png = self.probe.run(self.out_dir, name=f"probe_step_{step:08d}")
-        if self.is_main:
+        name = f"probe_step_{step:08d}"
+        metrics, json_path, png = self.probe.run(self.out_dir, name=name, write=self.is_main)
+        if self.is_main:  # one writer: the replica's TP ranks compute the same probe
             tracker.log_metrics(metrics, step=step)
             tracker.log_artifact(png)
             tracker.log_artifact(json_path)
