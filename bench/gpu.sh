@@ -4,8 +4,12 @@
 #
 #   bash bench/gpu.sh setup                 install WHEELS/*.whl into SITE (no index, no deps)
 #   bash bench/gpu.sh flash-build LOG       build flash-attn from WHEELS/src/*.tar.gz in the
-#                                           background (setsid); progress and timing go to LOG
+#                                           background (setsid); progress and timing go to LOG;
+#                                           FLASH_HEADDIMS="64 128" builds only those head dims
+#                                           in bf16 (bench/flash_trim.py: 12 units instead of 73)
 #   bash bench/gpu.sh flash-status LOG      one line: elapsed seconds, objects compiled / total
+#   bash bench/gpu.sh flash-wait LOG SECS   wait up to SECS for the build, then install its wheel
+#                                           into SITE (exit 1 if it is not there by then)
 #   bash bench/gpu.sh bench OUT [ARGS...]   bench/train_step.py with ARGS, JSON lines to OUT
 #
 # Wheels to carry (built or downloaded on a machine with network, Python 3.12):
@@ -29,6 +33,10 @@ flash-build)
     log=$(realpath -m "$2")
     work=/tmp/flash-build && rm -rf "$work" && mkdir -p "$work"
     tar -xzf "$WHEELS"/src/flash_attn-*.tar.gz -C "$work" --strip-components 1
+    if [ -n "${FLASH_HEADDIMS:-}" ]; then
+        # shellcheck disable=SC2086  # one argument per head dim
+        python3 bench/flash_trim.py "$work" $FLASH_HEADDIMS
+    fi
     date +%s >"$log.start"
     (cd "$work" && FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTN_CUDA_ARCHS=90 \
         MAX_JOBS=${MAX_JOBS:-8} setsid nohup python3 -m pip wheel -v --no-deps \
@@ -37,10 +45,21 @@ flash-build)
 flash-status)
     log=$(realpath -m "$2")
     start=$(cat "$log.start")
-    total=$(find /tmp/flash-build/csrc -name '*.cu' 2>/dev/null | wc -l)
+    total=$(grep -c 'csrc/flash_attn/src/flash_.*\.cu"' /tmp/flash-build/setup.py)
     done_=$(find /tmp/flash-build/build -name '*.o' 2>/dev/null | wc -l)
     wheel=$(ls /tmp/flash-wheel/*.whl 2>/dev/null || true)
-    echo "flash-attn build: $(($(date +%s) - start)) s, $done_ objects of ~$total sources, wheel: ${wheel:-none}"
+    echo "flash-attn build: $(($(date +%s) - start)) s, $done_ objects of $((total + 1)) sources, wheel: ${wheel:-none}"
+    ;;
+flash-wait)
+    deadline=$(($(date +%s) + $3))
+    until ls /tmp/flash-wheel/*.whl >/dev/null 2>&1 || [ "$(date +%s)" -ge "$deadline" ]; do
+        sleep 10
+    done
+    bash "$0" flash-status "$2"
+    ls /tmp/flash-wheel/*.whl >/dev/null 2>&1 || { tail -5 "$2"; exit 1; }
+    echo "flash-attn wheel built in $(($(stat -c %Y /tmp/flash-wheel/*.whl) - $(cat "$2.start"))) s"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" /tmp/flash-wheel/*.whl
+    python3 -c "import flash_attn; print('flash_attn', flash_attn.__version__)"
     ;;
 bench)
     out=$2

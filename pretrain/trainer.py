@@ -24,6 +24,7 @@ from pretrain.diffusion.auxiliary.metric import joint_consistency
 from pretrain.diffusion.corruption import CorruptionKey, to_device
 from pretrain.diffusion.objective import build_objective
 from pretrain.errors import DataError
+from pretrain.model.documents import DocumentMask
 from pretrain.parallel.engine import build_engine, host_metrics
 from pretrain.parallel.runtime import Runtime, init_runtime
 from pretrain.probe.hook import TrainingProbe
@@ -191,6 +192,7 @@ class TrainData:
             truncate_fraction=cfg.data.truncate_fraction,
         )
         self.manifest = self.stream.manifest
+        self.eos_id = self.manifest.tokenizer.eos_id
         expected_sha = None
         if cfg.data.tokenizer:
             expected_sha = tokenizer_sha256(load_tokenizer(cfg.data.tokenizer))
@@ -251,10 +253,17 @@ def step_batches(data: TrainData, objective, cfg: Config, rt: Runtime, step: int
         tokens = data.stream.next_batch()  # loss_mask: False on truncation padding
         key = CorruptionKey(cfg.train.seed, step, micro, rt.dp_rank, accum, rt.dp)
         # the loss mask stays on the host: the objective decides masks there
-        batches.append(
-            objective.prepare(to_device(tokens.tokens, rt.device), key, tokens.loss_mask)
-        )
+        batch = objective.prepare(to_device(tokens.tokens, rt.device), key, tokens.loss_mask)
+        if cfg.data.document_mask:
+            batch.attention_mask = document_mask(tokens.document_ids, rt.device)
+        batches.append(batch)
     return batches
+
+
+def document_mask(ids: torch.Tensor, device) -> DocumentMask:
+    """`data.document_mask`'s attention mask from host ids [b, s]: segments found on the host,
+    copied asynchronously (no device sync in the step)."""
+    return DocumentMask.from_ids(ids).map(lambda t: to_device(t, device))
 
 
 def evaluate(engine, objective, data: TrainData, cfg: Config, rt: Runtime) -> dict[str, float]:
@@ -263,12 +272,16 @@ def evaluate(engine, objective, data: TrainData, cfg: Config, rt: Runtime) -> di
     All validation batches have the same size, so per-slot metrics average over batches.
     With `train.eval_batches=0` there is nothing to evaluate: no metrics.
     """
+    from data_pipeline.reader import document_ids
+
     if not data.val:
         return {}
     sums: dict[str, float] = defaultdict(float)
     for i, x0 in enumerate(data.val):
         key = CorruptionKey(cfg.train.seed, 0, i, rt.dp_rank, len(data.val), rt.dp)
         batch = objective.prepare_eval(to_device(x0, rt.device), key)
+        if cfg.data.document_mask:
+            batch.attention_mask = document_mask(document_ids(x0, data.eos_id), rt.device)
         for name, value in host_metrics(engine.global_metrics(engine.eval_step(batch))).items():
             sums[name] += value / len(data.val)
     means = objective.summarize(sums)

@@ -50,6 +50,9 @@ class ModelConfig:
     """Recompute each transformer layer in the backward pass to save activation memory."""
     compile: bool = False
     """torch.compile each transformer layer (GPU; the first steps pay the compilation)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode of `compile`: `reduce-overhead` replays each layer as CUDA graphs (less
+    host launch time), `max-autotune-no-cudagraphs` autotunes the fused kernels (slower start)."""
     sparse_output: bool = True
     """Run the output layer and cross-entropy only where the loss needs them (masked tokens),
     in memory-bounded chunks. Not with sequence or pipeline parallelism (full head there)."""
@@ -141,6 +144,9 @@ class DataConfig:
     truncate_fraction: float = 0.0
     """LLaDA-style random lengths: this fraction of sequences keeps only its first U{1..seq_len}
     tokens; the rest is EOS padding with loss_mask False (shapes stay [b, seq_len])."""
+    document_mask: bool = False
+    """Attend only within each document of a packed block (documents end at EOS; truncation
+    padding is a document of its own), in training and validation (docs/data.md)."""
 
     def validate(self) -> None:
         if self.num_workers < 0:
@@ -407,6 +413,23 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Diagnostics: the information-decay probe and distance-bucketed validation CE."""
 
+    def _check_document_mask(self) -> None:
+        objective = self.diffusion.objective
+        conflicts = {
+            f"diffusion.objective '{objective}' (it brings its own attention mask)": (
+                objective != "masked"
+            ),
+            "parallel.pipeline_parallel > 1 (the pipeline engine carries no attention mask)": (
+                self.parallel.pipeline_parallel > 1
+            ),
+            "auxiliary.losses (their extra forwards attend over the whole block)": bool(
+                self.auxiliary.losses
+            ),
+        }
+        for what, conflict in conflicts.items():
+            if conflict:
+                raise ConfigError(f"data.document_mask cannot be combined with {what}")
+
     def validate(self) -> None:
         for section in (self.model, self.diffusion, self.train, self.optim, self.parallel):
             section.validate()
@@ -418,6 +441,8 @@ class Config:
                 f"diffusion.objective '{self.diffusion.objective}' needs attention masks, which "
                 "the pipeline engine does not carry: use parallel.pipeline_parallel=1"
             )
+        if self.data.document_mask:
+            self._check_document_mask()
         if self.optim.master_weights == "fused" and (
             self.parallel.zero_stage or self.parallel.pipeline_parallel > 1
         ):

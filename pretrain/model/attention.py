@@ -5,7 +5,9 @@ masks; diffusion LMs attend bidirectionally and later objectives (block diffusio
 annealing) need arbitrary boolean masks. So the `core_attention` slot of the layer spec is ours.
 
 Mask convention (ours, the opposite of Megatron's): `mask` is None for full bidirectional attention,
-or a bool tensor broadcastable to [batch, heads, s_q, s_k] where True means "may attend".
+or a bool tensor broadcastable to [batch, heads, s_q, s_k] where True means "may attend". A document
+mask of packed blocks (`documents.DocumentMask`) reaches each backend in the form its `documents`
+hook makes of it, once per forward.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from pretrain.errors import ConfigError
+from pretrain.model.documents import DocumentMask, flex_document_block_mask
 
 # q: [b, hq, s, d]; k, v: [b, hkv, s, d] with hq a multiple of hkv (GQA) -> [b, hq, s, d]
 AttentionFn = Callable[..., torch.Tensor]
@@ -31,14 +34,18 @@ class AttentionBackend:
     supports_mask: bool
     available: Callable[[], str | None]
     """Returns None when usable here, else the reason it is not."""
+    documents: Callable[[DocumentMask], object]
+    """The `mask` this backend takes for a document mask (default: the dense bool mask)."""
 
 
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {}
 
 
-def register_attention(name: str, *, supports_mask: bool, available=lambda: None):
+def register_attention(
+    name: str, *, supports_mask: bool, available=lambda: None, documents=DocumentMask.dense
+):
     def wrap(fn: AttentionFn) -> AttentionFn:
-        ATTENTION_BACKENDS[name] = AttentionBackend(name, fn, supports_mask, available)
+        ATTENTION_BACKENDS[name] = AttentionBackend(name, fn, supports_mask, available, documents)
         return fn
 
     return wrap
@@ -98,9 +105,14 @@ def _flash_available() -> str | None:
     return None
 
 
-@register_attention("flash", supports_mask=False, available=_flash_available)
+@register_attention(
+    "flash", supports_mask=False, available=_flash_available, documents=lambda docs: docs
+)
 def flash_attention(q, k, v, *, mask=None, scale=None, dropout_p=0.0):
-    """flash-attn 2/3 varlen-free kernel; bidirectional only (no mask), fp16/bf16 on CUDA."""
+    """flash-attn 2/3, bidirectional (fp16/bf16 on CUDA); a `DocumentMask` runs the
+    variable-length kernel over the documents, without materialising any mask."""
+    if isinstance(mask, DocumentMask):
+        return _flash_documents(q, k, v, mask, scale=scale, dropout_p=dropout_p)
     from flash_attn import flash_attn_func
 
     # flash-attn wants [b, s, h, d]
@@ -113,6 +125,27 @@ def flash_attention(q, k, v, *, mask=None, scale=None, dropout_p=0.0):
         causal=False,
     )
     return out.transpose(1, 2)
+
+
+def _flash_documents(q, k, v, docs: DocumentMask, *, scale, dropout_p):
+    from flash_attn import flash_attn_varlen_func
+
+    b, hq, s, d = q.shape
+    # [b, h, s, d] -> [b * s, h, d]: the documents are contiguous runs of the flattened tokens
+    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v))
+    out = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        docs.cu_seqlens,
+        docs.cu_seqlens,
+        docs.max_seqlen,
+        docs.max_seqlen,
+        dropout_p=dropout_p,
+        softmax_scale=scale,
+        causal=False,
+    )
+    return out.reshape(b, s, hq, d).transpose(1, 2)
 
 
 def _flex_available() -> str | None:
@@ -128,7 +161,9 @@ def _flex_available() -> str | None:
 _FLEX_CACHE: dict = {}
 
 
-@register_attention("flex", supports_mask=True, available=_flex_available)
+@register_attention(
+    "flex", supports_mask=True, available=_flex_available, documents=flex_document_block_mask
+)
 def flex_attention_backend(q, k, v, *, mask=None, scale=None, dropout_p=0.0):
     """FlexAttention (GPU): block-sparse kernels that skip fully masked tiles of e.g. the
     block-diffusion mask over [x_t ; x0]. The bool mask becomes a BlockMask once per distinct mask
@@ -136,12 +171,12 @@ def flex_attention_backend(q, k, v, *, mask=None, scale=None, dropout_p=0.0):
     but slower than `sdpa` with the boolean mask at a small shape (docs/schedules.md): measure
     before choosing it.
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
     if dropout_p:
         raise ConfigError("model.attention_backend 'flex' does not support attention dropout")
-    block_mask = None
-    if mask is not None:
+    block_mask = mask if isinstance(mask, BlockMask) else None  # a document mask, prepared
+    if mask is not None and block_mask is None:
         dense = mask.reshape(mask.shape[-2], mask.shape[-1]) if mask.shape[0] == 1 else None
         if dense is None:
             raise ConfigError("'flex' takes one mask shared by the batch ([1, 1, s, s])")
@@ -235,7 +270,9 @@ class CoreAttention(MegatronModule):
     ) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("packed sequences / attention bias are not supported")
-        if attention_mask is not None and not self.backend.supports_mask:
+        if isinstance(attention_mask, DocumentMask):
+            attention_mask = self.backend.documents(attention_mask)  # not prepared upstream
+        elif attention_mask is not None and not self.backend.supports_mask:
             raise ConfigError(
                 f"model.attention_backend '{self.backend.name}' cannot take an attention mask; "
                 "use 'sdpa' or 'masked' for objectives that need one"

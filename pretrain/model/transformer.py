@@ -21,6 +21,8 @@ from megatron.core.transformer.spec_utils import build_module
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
+from pretrain.model.attention import get_attention_backend
+from pretrain.model.documents import DocumentMask
 from pretrain.model.layers import RMSNorm, RotaryEmbedding, transformer_layer_spec
 from pretrain.model.sharding import initialize, mark_tensor_parallel
 
@@ -230,6 +232,8 @@ class DLMTransformer(torch.nn.Module):
         self.config = config
         self.embedding = TokenEmbedding(config, self.padded_vocab)
         self.rotary = RotaryEmbedding(config.kv_channels, model.rope_base)
+        # how the layers' attention backend takes a document mask (prepared once per forward)
+        self.prepare_documents = get_attention_backend(model.attention_backend).documents
         spec = transformer_layer_spec(model.attention_backend)
         self.layers = torch.nn.ModuleList(
             build_module(spec, config=config, layer_number=i + 1) for i in range(config.num_layers)
@@ -248,13 +252,16 @@ class DLMTransformer(torch.nn.Module):
     ) -> torch.Tensor:
         """tokens [b, s] -> per-token CE [b, s] if `targets` is given, else logits [b, s, V/tp].
 
-        `attention_mask`: None (bidirectional) or bool, broadcastable to [b, heads, s, s], True
-        where attention is allowed. `loss_positions` (bool [b, s], with `targets`): compute the
-        CE only there (0 elsewhere), skipping the output layer at every other position;
+        `attention_mask`: None (bidirectional), bool broadcastable to [b, heads, s, s] (True
+        where attention is allowed), or a `DocumentMask` (attention within documents).
+        `loss_positions` (bool [b, s], with `targets`): compute the CE only there (0 elsewhere),
+        skipping the output layer at every other position;
         `loss_count` (their number, if known on the host) spares a device sync.
         `position_ids` ([s] long in [0, s), shared by the batch; None = 0..s-1): RoPE positions,
         e.g. the two copies 0..L-1 of block diffusion's [x_t ; x0].
         """
+        if isinstance(attention_mask, DocumentMask):
+            attention_mask = self.prepare_documents(attention_mask)
         hidden = self.embedding(tokens)  # [s, b, h]
         rope = self.rotary(tokens.shape[1])  # [s, 1, 1, d]
         if position_ids is not None:  # a gather, not max(): no device sync for the table size

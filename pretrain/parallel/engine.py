@@ -346,11 +346,12 @@ def build_engine(
         )
     module.to(rt.device)
     if cfg.model.compile:
+        mode = cfg.model.compile_mode
         # Layer by layer: one compiled graph serves every layer of the same shape, and the
         # embedding/head (vocab-parallel collectives) stay eager.
         for layer in module.modules():
             if isinstance(layer, TransformerLayer):
-                layer.compile()
+                layer.compile(mode=None if mode == "default" else mode)
             elif isinstance(layer, OutputHead):
                 layer.compile_loss()
     optimizer = build_optimizer(module, cfg, rt)

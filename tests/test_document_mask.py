@@ -1,0 +1,169 @@
+"""Document masking of packed blocks: a packed forward equals each document run on its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline.reader import document_ids
+from pretrain.config import ModelConfig, load_config
+from pretrain.errors import ConfigError
+from pretrain.model.documents import DocumentMask
+from pretrain.model.transformer import build_model
+
+VOCAB, MASK, EOS = 300, 299, 0
+
+
+def test_segments_of_packed_rows():
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 1, 1]])
+    docs = DocumentMask.from_ids(ids)
+    # rows flatten to 12 tokens: documents of lengths 3, 2, 1 | 1, 5
+    assert docs.cu_seqlens.tolist() == [0, 3, 5, 6, 7, 12]
+    assert docs.cu_seqlens.dtype == torch.int32 and docs.ids.dtype == torch.int32
+    assert docs.max_seqlen == 5
+    dense = docs.dense()
+    assert dense.shape == (2, 1, 6, 6)
+    assert dense[0, 0, 0].tolist() == [True, True, True, False, False, False]
+    assert dense[0, 0, 5].tolist() == [False] * 5 + [True]
+    assert dense[1, 0, 0].tolist() == [True] + [False] * 5
+
+
+def test_equal_ids_in_different_rows_are_different_documents():
+    docs = DocumentMask.from_ids(torch.zeros(3, 4, dtype=torch.int32))
+    assert docs.cu_seqlens.tolist() == [0, 4, 8, 12] and docs.max_seqlen == 4
+
+
+# Two rows of 24; the last document of a row may continue into the next block (no EOS).
+LENGTHS = [[7, 10, 7], [15, 9]]
+
+
+def _packed_batch(generator):
+    """[2, 24] tokens packed from EOS-ended documents, and the documents themselves."""
+    rows, docs = [], []
+    for row in LENGTHS:
+        parts = []
+        for i, n in enumerate(row):
+            doc = torch.randint(1, MASK, (n,), generator=generator)
+            if i < len(row) - 1:
+                doc[-1] = EOS  # a document owns the EOS that ends it
+            parts.append(doc)
+            docs.append(doc)
+        rows.append(torch.cat(parts))
+    return torch.stack(rows), docs
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "masked"])
+def test_packed_forward_and_gradients_equal_each_document_alone(runtime, backend):
+    """Logits, summed CE and every parameter gradient of a packed, document-masked batch equal
+    those of its documents run one by one (RoPE is relative: no position reset is needed)."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=96,
+        attention_backend=backend,
+    )
+    model = build_model(config, vocab_size=VOCAB, mask_token_id=MASK, seed=5)
+    tokens, _ = _packed_batch(torch.Generator().manual_seed(1))
+    x_t = tokens.clone()
+    x_t[:, ::3] = MASK  # some positions masked, as the objective would (the EOS included)
+    mask = DocumentMask.from_ids(document_ids(tokens, EOS))
+
+    packed_logits = model(x_t, attention_mask=mask)  # [2, 24, V]
+    packed = model(x_t, targets=tokens, attention_mask=mask).sum()
+    packed_grads = torch.autograd.grad(packed, list(model.parameters()))
+
+    alone_logits, alone = [], 0.0
+    for row, lengths in enumerate(LENGTHS):
+        start = 0
+        for n in lengths:
+            piece = slice(start, start + n)
+            alone_logits.append(model(x_t[row : row + 1, piece])[0])
+            ce = model(x_t[row : row + 1, piece], targets=tokens[row : row + 1, piece])
+            alone = alone + ce.sum()
+            start += n
+    alone_grads = torch.autograd.grad(alone, list(model.parameters()))
+
+    packed_logits = packed_logits.flatten(0, 1)  # [48, V], rows one after the other
+    finite = torch.isfinite(packed_logits)  # the mask token and vocab padding are -inf
+    torch.testing.assert_close(
+        packed_logits[finite], torch.cat(alone_logits)[finite], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-6)
+    for (name, _), a, b in zip(model.named_parameters(), packed_grads, alone_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+    # the control: attending across documents gives different logits
+    unmasked = model(x_t).flatten(0, 1)
+    assert (unmasked[finite] - packed_logits[finite]).abs().max() > 1e-2
+
+
+def test_document_mask_conflicts_are_config_errors():
+    with pytest.raises(ConfigError, match="data.document_mask.*diffusion.objective 'block'"):
+        load_config(None, ["data.document_mask=true", "diffusion.objective=block"])
+    with pytest.raises(ConfigError, match="data.document_mask.*pipeline_parallel"):
+        load_config(None, ["data.document_mask=true", "parallel.pipeline_parallel=2"])
+
+
+def test_training_with_document_mask_tp2_equals_one_process(runtime, demo_data, tmp_path):
+    """The trainer applies the mask (step-1 loss differs from full attention on the same batch
+    and corruption), and a TP=2 torchrun job with it equals one process (tests/test_parallel.py
+    tolerances)."""
+    from test_parallel import (
+        TINY,
+        assert_losses_close,
+        assert_params_close,
+        launch,
+        losses,
+        overrides,
+    )
+
+    from pretrain.trainer import train
+
+    doc = {"data.document_mask": True}
+    single = train(load_config(TINY, overrides(demo_data, tmp_path, "one", **doc)))
+    plain = train(load_config(TINY, overrides(demo_data, tmp_path, "plain")))
+    assert abs(losses(single)[1] - losses(plain)[1]) > 1e-4
+    tp2 = overrides(demo_data, tmp_path, "tp2", **doc, **{"parallel.tensor_parallel": 2})
+    (result,) = launch(2, [{"overrides": tp2}], tmp_path / "job")
+    assert_losses_close(losses(result), losses(single))
+    assert_params_close(Path(result["checkpoint"]), single.checkpoint)
+
+
+def _usable(name: str) -> bool:
+    from pretrain.model.attention import ATTENTION_BACKENDS
+
+    return ATTENTION_BACKENDS[name].available() is None and torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("backend", ["flash", "flex", "sdpa"])
+def test_gpu_document_mask_kernels_match_the_fp32_reference(backend):
+    """On a GPU, bf16: each backend's own form of the document mask (flash-attn's varlen kernel,
+    FlexAttention's BlockMask, SDPA's dense mask) gives the output and q/k/v gradients of the
+    fp32 `masked` reference within bf16 tolerance (2e-2 of the largest magnitude)."""
+    if not _usable(backend):
+        pytest.skip(f"'{backend}' needs CUDA here (and flash-attn for 'flash')")
+    from pretrain.model.attention import ATTENTION_BACKENDS
+
+    gen = torch.Generator().manual_seed(0)
+    b, s, d = 2, 256, 64
+    ids = torch.tensor([[0] * 100 + [1] * 30 + [2] * 126, [0] * 256], dtype=torch.int32)
+    docs = DocumentMask.from_ids(ids).map(lambda t: t.cuda())
+    q = torch.randn(b, 8, s, d, generator=gen).cuda()
+    k, v = (torch.randn(b, 2, s, d, generator=gen).cuda() for _ in range(2))
+    grad = torch.randn(b, 8, s, d, generator=gen).cuda()
+
+    def run(name, mask, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = ATTENTION_BACKENDS[name].fn(*leaves, mask=mask)
+        return [out, *torch.autograd.grad(out, leaves, grad.to(dtype))]
+
+    want = run("masked", docs.dense(), torch.float32)
+    got = run(backend, ATTENTION_BACKENDS[backend].documents(docs), torch.bfloat16)
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want, strict=True):
+        err = (g.float() - w).abs().max() / w.abs().max()
+        assert err < 2e-2, f"{backend} {name}: relative error {err:.3g}"
