@@ -136,8 +136,13 @@ def main() -> None:
         if "ms" in r:
             err = f"{r['out']:.1e} / {r['dq']:.1e}"
             print(f"| {r['case']} | {r['backend']} | {r['ms']:.2f} | {r['tflops']:.0f} | {err} |")
-        elif "case" in r:
-            print(f"| {r['case']} | {r['backend']} | failed: {r.get('error', '')[:80]} | | |")
+        elif "error" in r:
+            print(f"| {r['case']} | {r['backend']} | failed: {r['error'][:80]} | | |")
+        else:  # the compiled flash row
+            print(
+                f"| {r['case']} | {r['backend']} | equal to eager within "
+                f"{r['max_abs_diff_vs_eager']:.1e}, {r['graphs']} graphs | | |"
+            )
     if a.out:
         with open(a.out, "a") as f:
             for r in rows:

@@ -113,25 +113,18 @@ def test_training_with_document_mask_tp2_equals_one_process(runtime, demo_data, 
     """The trainer applies the mask (step-1 loss differs from full attention on the same batch
     and corruption), and a TP=2 torchrun job with it equals one process (tests/test_parallel.py
     tolerances)."""
-    from test_parallel import (
-        TINY,
-        assert_losses_close,
-        assert_params_close,
-        launch,
-        losses,
-        overrides,
-    )
+    import test_parallel as par
 
     from pretrain.trainer import train
 
     doc = {"data.document_mask": True}
-    single = train(load_config(TINY, overrides(demo_data, tmp_path, "one", **doc)))
-    plain = train(load_config(TINY, overrides(demo_data, tmp_path, "plain")))
-    assert abs(losses(single)[1] - losses(plain)[1]) > 1e-4
-    tp2 = overrides(demo_data, tmp_path, "tp2", **doc, **{"parallel.tensor_parallel": 2})
-    (result,) = launch(2, [{"overrides": tp2}], tmp_path / "job")
-    assert_losses_close(losses(result), losses(single))
-    assert_params_close(Path(result["checkpoint"]), single.checkpoint)
+    single = train(load_config(par.TINY, par.overrides(demo_data, tmp_path, "one", **doc)))
+    plain = train(load_config(par.TINY, par.overrides(demo_data, tmp_path, "plain")))
+    assert abs(par.losses(single)[1] - par.losses(plain)[1]) > 1e-4
+    tp2 = par.overrides(demo_data, tmp_path, "tp2", **doc, **{"parallel.tensor_parallel": 2})
+    (result,) = par.launch(2, [{"overrides": tp2}], tmp_path / "job")
+    par.assert_losses_close(par.losses(result), par.losses(single))
+    par.assert_params_close(Path(result["checkpoint"]), single.checkpoint)
 
 
 def _usable(name: str) -> bool:
