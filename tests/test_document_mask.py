@@ -39,6 +39,38 @@ def test_equal_ids_in_different_rows_are_different_documents():
 LENGTHS = [[7, 10, 7], [15, 9]]
 
 
+def test_tile_is_the_mask_of_the_concatenated_batch():
+    ids = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 2, 2, 2]])
+    tiled = DocumentMask.from_ids(ids).tile(3)
+    want = DocumentMask.from_ids(torch.cat([ids] * 3))
+    assert torch.equal(tiled.ids, want.ids) and torch.equal(tiled.cu_seqlens, want.cu_seqlens)
+    assert tiled.max_seqlen == want.max_seqlen
+
+
+def test_auxiliary_forwards_attend_within_documents(runtime):
+    """The auxiliary losses' view of the model passes the batch's document mask to every forward
+    (logits, CE, and the energy over [x0 ; samples], a batch twice as long)."""
+    from pretrain.diffusion.auxiliary import ModelView
+    from pretrain.model.energy import sequence_energy
+
+    config = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=96)
+    model = build_model(config, vocab_size=VOCAB, mask_token_id=MASK, seed=5)
+    tokens, _ = _packed_batch(torch.Generator().manual_seed(2))
+    docs = DocumentMask.from_ids(document_ids(tokens, EOS))
+    view, plain = ModelView(model, VOCAB, docs), ModelView(model, VOCAB)
+    want = model(tokens, attention_mask=docs)[..., :VOCAB].float()
+    torch.testing.assert_close(view.logits(tokens), want)
+    assert not torch.allclose(plain.logits(tokens), want)
+    torch.testing.assert_close(
+        view.ce(tokens, tokens), model(tokens, targets=tokens, attention_mask=docs)
+    )
+    pair = torch.cat([tokens, tokens.flip(1)])  # [2b, s]
+    both = DocumentMask.from_ids(torch.cat([document_ids(tokens, EOS)] * 2))
+    energy = sequence_energy(model, pair, row=MASK, attention_mask=both)
+    torch.testing.assert_close(view.energy(pair, row=MASK), energy)
+    assert not torch.allclose(plain.energy(pair, row=MASK), energy)
+
+
 def _packed_batch(generator):
     """[2, 24] tokens packed from EOS-ended documents, and the documents themselves."""
     rows, docs = [], []
@@ -107,24 +139,35 @@ def test_document_mask_conflicts_are_config_errors():
         load_config(None, ["data.document_mask=true", "diffusion.objective=block"])
     with pytest.raises(ConfigError, match="data.document_mask.*pipeline_parallel"):
         load_config(None, ["data.document_mask=true", "parallel.pipeline_parallel=2"])
+    aux = "auxiliary.losses=[{name: self_correction}]"
+    assert load_config(None, ["data.document_mask=true", aux]).data.document_mask
 
 
 def test_training_with_document_mask_tp2_equals_one_process(runtime, demo_data, tmp_path):
     """The trainer applies the mask (step-1 loss differs from full attention on the same batch
-    and corruption), and a TP=2 torchrun job with it equals one process (tests/test_parallel.py
-    tolerances)."""
+    and corruption), and TP=2 torchrun runs with it, without and with the three auxiliary losses,
+    equal one process (tests/test_parallel.py tolerances)."""
     import test_parallel as par
+    from test_auxiliary_parallel import AUX
 
     from pretrain.trainer import train
 
     doc = {"data.document_mask": True}
-    single = train(load_config(par.TINY, par.overrides(demo_data, tmp_path, "one", **doc)))
+    tp2 = {"parallel.tensor_parallel": 2}
     plain = train(load_config(par.TINY, par.overrides(demo_data, tmp_path, "plain")))
-    assert abs(par.losses(single)[1] - par.losses(plain)[1]) > 1e-4
-    tp2 = par.overrides(demo_data, tmp_path, "tp2", **doc, **{"parallel.tensor_parallel": 2})
-    (result,) = par.launch(2, [{"overrides": tp2}], tmp_path / "job")
-    par.assert_losses_close(par.losses(result), par.losses(single))
-    par.assert_params_close(Path(result["checkpoint"]), single.checkpoint)
+    runs = {"doc": doc, "doc-aux": {**doc, **AUX}}
+    single = {
+        name: train(load_config(par.TINY, par.overrides(demo_data, tmp_path, name, **extra)))
+        for name, extra in runs.items()
+    }
+    assert abs(par.losses(single["doc"])[1] - par.losses(plain)[1]) > 1e-4
+    jobs = [
+        {"overrides": par.overrides(demo_data, tmp_path, f"tp2-{name}", **extra, **tp2)}
+        for name, extra in runs.items()
+    ]
+    for name, result in zip(runs, par.launch(2, jobs, tmp_path / "job"), strict=True):
+        par.assert_losses_close(par.losses(result), par.losses(single[name]))
+        par.assert_params_close(Path(result["checkpoint"]), single[name].checkpoint)
 
 
 def _usable(name: str) -> bool:

@@ -422,9 +422,6 @@ class Config:
             "parallel.pipeline_parallel > 1 (the pipeline engine carries no attention mask)": (
                 self.parallel.pipeline_parallel > 1
             ),
-            "auxiliary.losses (their extra forwards attend over the whole block)": bool(
-                self.auxiliary.losses
-            ),
         }
         for what, conflict in conflicts.items():
             if conflict:

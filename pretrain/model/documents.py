@@ -49,6 +49,14 @@ class DocumentMask:
         """The same mask with `fn` (e.g. a copy to the device) applied to its tensors."""
         return DocumentMask(fn(self.ids), fn(self.cu_seqlens), self.max_seqlen)
 
+    def tile(self, n: int) -> DocumentMask:
+        """The mask of the batch concatenated `n` times along the batch dimension (on the
+        tensors' device, no sync: e.g. for a forward over [x0 ; samples])."""
+        total = self.ids.numel()
+        starts = [self.cu_seqlens[:-1] + i * total for i in range(n)]
+        end = self.cu_seqlens[-1:] + (n - 1) * total
+        return DocumentMask(self.ids.repeat(n, 1), torch.cat([*starts, end]), self.max_seqlen)
+
     def dense(self) -> torch.Tensor:
         """[b, 1, s, s] bool, True where position i may attend to j (same document)."""
         return self.ids[:, None, :, None] == self.ids[:, None, None, :]

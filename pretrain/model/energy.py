@@ -7,8 +7,8 @@ final RMSNorm, and w the output-layer row of the mask token: the model never pre
 (its logit is fixed at -inf), so that row gets no gradient from the token loss and is otherwise
 unused. Keeping the energy weights there means no new tensor: initialisation, checkpoints,
 resuming at another layout and conversion treat them as part of the output layer. Every
-position's hidden state has attended to the whole sequence, so the pool can carry "do these
-tokens agree" features.
+position's hidden state has attended to the whole sequence (to its document, with
+`data.document_mask`), so the pool can carry "do these tokens agree" features.
 
 Under tensor parallelism the output layer is split by vocabulary rows, so w lives on one TP rank:
 the product is computed as a column-parallel layer would (identity forward / all-reduce backward
@@ -20,19 +20,26 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
+from pretrain.model.documents import DocumentMask
 
-def trunk_hidden(module: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [b, s] -> the final hidden states [s, b, h] of a `DLMTransformer` (no output head)."""
+
+def trunk_hidden(module: torch.nn.Module, tokens: torch.Tensor, attention_mask=None):
+    """tokens [b, s] -> the final hidden states [s, b, h] of a `DLMTransformer` (no output head);
+    `attention_mask` as the model's forward takes it (None: bidirectional)."""
+    if isinstance(attention_mask, DocumentMask):
+        attention_mask = module.prepare_documents(attention_mask)
     hidden = module.embedding(tokens)
     rope = module.rotary(tokens.shape[1])
     for layer in module.layers:
-        hidden = module._run_layer(layer, hidden, None, rope)
+        hidden = module._run_layer(layer, hidden, attention_mask, rope)
     return hidden
 
 
-def sequence_energy(module: torch.nn.Module, tokens: torch.Tensor, *, row: int) -> torch.Tensor:
+def sequence_energy(
+    module: torch.nn.Module, tokens: torch.Tensor, *, row: int, attention_mask=None
+) -> torch.Tensor:
     """tokens [b, s] -> E(x) [b] fp32; `row`: the mask token's id."""
-    hidden = module.head.final_norm(trunk_hidden(module, tokens))  # [s, b, h]
+    hidden = module.head.final_norm(trunk_hidden(module, tokens, attention_mask))  # [s, b, h]
     pooled = tensor_parallel.copy_to_tensor_model_parallel_region(hidden.float().mean(dim=0))
     weight = module.head.output_layer.weight  # [V_pad / tp, h]: this rank's vocabulary rows
     row -= parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]  # local index

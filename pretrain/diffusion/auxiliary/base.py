@@ -20,6 +20,7 @@ from pretrain.config.schema import AuxiliaryLossConfig
 from pretrain.diffusion.corruption import CorruptionKey
 from pretrain.diffusion.objective import DiffusionBatch
 from pretrain.errors import ConfigError
+from pretrain.model.documents import DocumentMask
 
 AUXILIARIES: dict[str, type[AuxiliaryLoss]] = {}
 
@@ -72,26 +73,35 @@ class ModelView:
     distribution and, with the same seeded uniforms, draws the same samples).
     """
 
-    def __init__(self, model, vocab_size: int):
+    def __init__(self, model, vocab_size: int, documents: DocumentMask | None = None):
         self.model = model
         self.module = getattr(model, "module", model)
         self.vocab_size = vocab_size
+        self.documents = documents
+        """The batch's document mask (`data.document_mask`): every forward attends within
+        documents, as the objective's forward does."""
+
+    def _mask(self, tokens: torch.Tensor) -> DocumentMask | None:
+        """The document mask for `tokens` [k * b, s], k copies of the batch ([x0 ; samples])."""
+        if self.documents is None or tokens.shape[0] == self.documents.ids.shape[0]:
+            return self.documents
+        return self.documents.tile(tokens.shape[0] // self.documents.ids.shape[0])
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> fp32 logits [b, s, V] over the real vocabulary (mask at -inf)."""
-        local = self.model(tokens)  # [b, s, V_pad / tp]
+        local = self.model(tokens, attention_mask=self._mask(tokens))  # [b, s, V_pad / tp]
         return _GatherVocab.apply(local)[..., : self.vocab_size].float()
 
     def ce(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """tokens, targets [b, s] -> -log p(target | tokens) [b, s] fp32 (vocab-parallel)."""
-        return self.model(tokens, targets=targets)
+        return self.model(tokens, targets=targets, attention_mask=self._mask(tokens))
 
     def energy(self, tokens: torch.Tensor, *, row: int) -> torch.Tensor:
         """tokens [b, s] -> scalar energy per sequence [b] (`pretrain.model.energy`; `row`: the
         mask token's id, whose output-layer row holds the energy weights)."""
         from pretrain.model.energy import sequence_energy
 
-        return sequence_energy(self.module, tokens, row=row)
+        return sequence_energy(self.module, tokens, row=row, attention_mask=self._mask(tokens))
 
 
 def uniforms(key: CorruptionKey, purpose: str, shape: tuple[int, int], device) -> torch.Tensor:
@@ -173,7 +183,8 @@ class AuxiliarySet:
         self, model, batch: DiffusionBatch, key: CorruptionKey, metrics: dict, micro_batches=1
     ) -> torch.Tensor:
         """Weighted sum of the losses on `batch`; fills `metrics` (tensors) in place."""
-        view = ModelView(model, self.vocab_size)
+        documents = batch.attention_mask if isinstance(batch.attention_mask, DocumentMask) else None
+        view = ModelView(model, self.vocab_size, documents)
         total = torch.zeros((), device=batch.inputs.device)
         forwards, t0 = 0, time.perf_counter()
         for loss in self.losses:
