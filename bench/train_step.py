@@ -79,6 +79,34 @@ def profile(step_fn, steps: int = 3) -> dict[str, float]:
     return dict(sorted(totals.items()))
 
 
+# CUDA runtime calls in which the host waits for the device (a sync, or a full launch queue)
+WAITS = ("Synchronize", "cudaMemcpy", "cudaStreamWait")
+
+
+def host_profile(step_fn, steps: int = 3) -> dict[str, float]:
+    """Host milliseconds per step: the CUDA runtime calls that wait for the device, the kernel
+    launches, and the busiest host operations by self time (the profiler's own cost included,
+    so compare the shares, not the totals, with the step time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step_fn()
+        torch.cuda.synchronize()
+    ops = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    out = {
+        "host_total": sum(ops.values()),
+        "waiting_for_device": sum(v for k, v in ops.items() if any(w in k for w in WAITS)),
+        "kernel_launches": sum(v for k, v in ops.items() if "Launch" in k),
+    }
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:15]
+    print("host time (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()), flush=True)
+    print("top host ops (self ms/step):\n" + "\n".join(f"  {v:7.2f}  {k[:90]}" for k, v in top))
+    return out
+
+
 def flops_per_token(model, padded_vocab: int, seq: int, head_fraction: float) -> float:
     d, hd = model.hidden_size, model.hidden_size // model.num_attention_heads
     groups = model.num_query_groups or model.num_attention_heads
@@ -276,6 +304,7 @@ def measure(step_fn, a) -> dict:
         "tokens_per_s": a.micro_batch * a.seq / elapsed,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "device_ms": profile(step_fn) if a.profile else {},
+        "host_ms": host_profile(step_fn) if a.profile else {},
         "host_syncs": syncs,
     }
 
