@@ -281,14 +281,32 @@ def host_syncs(step_fn) -> list[str]:
         finally:
             torch.cuda.set_sync_debug_mode(0)
     where = [
-        f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+        f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}"
+        for w in caught
+        if "synchroniz" in str(w.message)
     ]
     return sorted(set(where), key=where.index)
+
+
+def sync_trace(step_fn) -> None:
+    """Print the Python stack of the first operation in a step that makes the host wait."""
+    import traceback
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step_fn()
+        print("no host sync in a step", flush=True)
+    except RuntimeError:
+        print("first host sync in a step:\n" + traceback.format_exc(limit=-12), flush=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def measure(step_fn, a) -> dict:
     for _ in range(a.warmup):
         step_fn()
+    if a.sync_trace:
+        sync_trace(step_fn)
     syncs = host_syncs(step_fn) if a.sync_debug else []
     if syncs:
         print("host syncs in a step: " + ", ".join(syncs), flush=True)
@@ -362,6 +380,9 @@ def main() -> None:
     p.add_argument("--documents", type=int, default=20000, help="demo documents if building")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--sync-debug", action="store_true", help="list host syncs of one step")
+    p.add_argument(
+        "--sync-trace", action="store_true", help="print the stack of the first host sync in a step"
+    )
     p.add_argument("--label", default="", help="name of this configuration in the table")
     p.add_argument("--out", default=None, help="append results as JSON lines here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -395,7 +416,7 @@ def main() -> None:
         if "error" in result:
             print(proc.stdout[-1500:], proc.stderr[-3000:], flush=True)
         else:  # the kernel list, and the host time to fetch and corrupt a batch
-            keep = ("  ", "host syncs")
+            keep = ("  ", "host syncs", "first host sync", "no host sync")
             print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(keep)))
             if "data_ms" in result:
                 print(f"data: {result['data_ms']:.1f} ms per batch on the host", flush=True)

@@ -253,7 +253,8 @@ def step_batches(data: TrainData, objective, cfg: Config, rt: Runtime, step: int
         tokens = data.stream.next_batch()  # loss_mask: False on truncation padding
         key = CorruptionKey(cfg.train.seed, step, micro, rt.dp_rank, accum, rt.dp)
         # the loss mask stays on the host: the objective decides masks there
-        batch = objective.prepare(to_device(tokens.tokens, rt.device), key, tokens.loss_mask)
+        x0 = to_device(tokens.tokens, rt.device)
+        batch = objective.prepare(x0, key, tokens.loss_mask, x0_host=tokens.tokens)
         if cfg.data.document_mask:
             batch.attention_mask = document_mask(tokens.document_ids, rt.device)
         batches.append(batch)

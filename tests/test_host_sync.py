@@ -80,3 +80,28 @@ def test_metric_window_resolves_only_when_asked_and_averages_the_window():
     assert 0 < means["step_time_s"] < time.perf_counter() - start
     losses = window.add(3, {"loss": torch.tensor(1.0)}, started=time.perf_counter(), resolve=True)
     assert losses == {3: 1.0} and window.means()["loss"] == 1.0  # reset after means()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"schedule": "distance"},
+        {"schedule": "frequency"},
+        {"prefix_probability": 0.5},
+        {"objective": "ar_adapt", "anneal_steps": 4},
+    ],
+    ids=["distance", "frequency", "prefix", "ar_adapt"],
+)
+def test_per_position_corruption_runs_on_the_host_copy(overrides):
+    """Given the host copy of x0, position-aware corruption never reads the device tensor: with
+    x0 on the `meta` device (no data at all) it still decides and counts the same masks as a
+    run entirely on the CPU."""
+    obj = build_objective(DiffusionConfig(**overrides), mask_id=MASK, seq_len=L)
+    x0 = torch.randint(0, V, (8, L), generator=torch.Generator().manual_seed(2))
+    loss_mask = torch.ones(8, L, dtype=torch.bool)
+    loss_mask[1, :9] = False
+    key = CorruptionKey(0, 3)
+    on_cpu = obj.prepare(x0, key, loss_mask)
+    on_meta = obj.prepare(x0.to("meta"), key, loss_mask, x0_host=x0)
+    assert on_meta.masked.device.type == "meta" and on_meta.loss_weights.device.type == "meta"
+    assert on_meta.num_masked == on_cpu.num_masked == int(on_cpu.masked.sum()) > 0

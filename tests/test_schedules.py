@@ -165,8 +165,8 @@ def test_trainer_passes_the_streams_loss_mask(demo_data, tmp_path, runtime, monk
     seen = []
     original = MaskedDiffusion.prepare
 
-    def spy(self, x0, key, loss_mask=None):
-        batch = original(self, x0, key, loss_mask)
+    def spy(self, x0, key, loss_mask=None, x0_host=None):
+        batch = original(self, x0, key, loss_mask, x0_host)
         seen.append((loss_mask, batch.masked))
         return batch
 

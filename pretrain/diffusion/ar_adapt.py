@@ -46,7 +46,8 @@ class CausalLM(MaskedDiffusion):
             normalization=cfg.loss_normalization,
         )
 
-    def prepare(self, x0, key, loss_mask=None) -> DiffusionBatch:
+    def prepare(self, x0, key, loss_mask=None, x0_host=None) -> DiffusionBatch:
+        del x0_host  # nothing is sampled: every next token is a target
         b, s = x0.shape
         targets = _shift_left(x0, 0)
         eligible = torch.ones_like(x0, dtype=torch.bool)
@@ -104,13 +105,14 @@ class ARAdaptation(MaskedDiffusion):
         u = torch.rand(s, s, generator=derived_generator(self.seed, "anneal", s)).to(device)
         return (causal_mask(s, device) | (u < f))[None, None]
 
-    def prepare(self, x0, key: CorruptionKey, loss_mask=None) -> DiffusionBatch:
+    def prepare(self, x0, key: CorruptionKey, loss_mask=None, x0_host=None) -> DiffusionBatch:
         if self.shift:
             # token 0 is never predicted under the shift: keep it clean, as part of the context
-            first = torch.zeros_like(x0, dtype=torch.bool)
+            # (a host mask: the corruption decides on the host)
+            first = torch.zeros(x0.shape, dtype=torch.bool)
             first[:, 0] = True
-            loss_mask = ~first if loss_mask is None else loss_mask.to(x0.device).bool() & ~first
-        batch = super().prepare(x0, key, loss_mask)
+            loss_mask = ~first if loss_mask is None else loss_mask.cpu().bool() & ~first
+        batch = super().prepare(x0, key, loss_mask, x0_host)
         return self._finish(batch, x0.shape[1], key.step)
 
     def prepare_eval(self, x0, key) -> DiffusionBatch:

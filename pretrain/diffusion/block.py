@@ -74,7 +74,8 @@ class BlockDiffusion(MaskedDiffusion):
                 rows.append(torch.rand(n, generator=g, dtype=torch.float64))
         return (self.eps + (1.0 - self.eps) * torch.stack(rows)).float()
 
-    def prepare(self, x0, key, loss_mask=None) -> DiffusionBatch:
+    def prepare(self, x0, key, loss_mask=None, x0_host=None) -> DiffusionBatch:
+        del x0_host  # the block clocks are per block, decided on the host without the tokens
         t = self.block_times(x0.shape[0], x0.shape[1], key, "block-t")
         return self._corrupt_blocks(x0, t, key.row_generators(x0.shape[0], "mask"), loss_mask)
 

@@ -106,7 +106,11 @@ class MaskedDiffusion:
         )
 
     def prepare(
-        self, x0: torch.Tensor, key: CorruptionKey, loss_mask: torch.Tensor | None = None
+        self,
+        x0: torch.Tensor,
+        key: CorruptionKey,
+        loss_mask: torch.Tensor | None = None,
+        x0_host: torch.Tensor | None = None,
     ) -> DiffusionBatch:
         """Corrupt a training micro-batch x0 [b, s] at the times the key assigns it.
 
@@ -114,14 +118,20 @@ class MaskedDiffusion:
         SFT prompt, padding) stay clean, are never targets, and count as visible context for
         position-aware schedules. With `prefix_probability` > 0, a keyed random-length prefix of
         a sequence also stays clean and out of the loss (prefix conditioning, DESIGN.md sec. 4).
+        `x0_host`: the same tokens on the host when x0 is on a GPU: per-position noise levels
+        (position-aware schedules, prefixes, loss masks) are then computed there, so preparing
+        the batch never waits for the device.
         """
         t = sample_times(x0.shape[0], key, eps=self.eps, antithetic=self.antithetic)
-        visible = self._prefix(x0, key)
+        visible = self._prefix(x0, key)  # on the host
         # all True: the default path (a host loss_mask answers this without a device sync)
         if loss_mask is not None and not bool(loss_mask.all()):
-            hidden_from_loss = ~loss_mask.to(device=x0.device, dtype=torch.bool)
+            hidden_from_loss = ~loss_mask.to(dtype=torch.bool)
+            if visible is not None:
+                hidden_from_loss = hidden_from_loss.to(visible.device)
             visible = hidden_from_loss if visible is None else visible | hidden_from_loss
-        return self._corrupt(x0, t, key.row_generators(x0.shape[0], "mask"), visible)
+        generators = key.row_generators(x0.shape[0], "mask")
+        return self._corrupt(x0, t, generators, visible, x0_host)
 
     def _prefix(self, x0: torch.Tensor, key: CorruptionKey) -> torch.Tensor | None:
         """bool [b, s]: a clean prefix of length U{1..s-1} with probability `prefix_probability`
@@ -134,8 +144,7 @@ class MaskedDiffusion:
             keep = torch.rand(1, generator=g).item() < self.prefix_probability
             length = int(torch.randint(1, s, (1,), generator=g)) if keep and s > 1 else 0
             lengths.append(length)
-        lengths = torch.tensor(lengths, device=x0.device)[:, None]
-        return torch.arange(s, device=x0.device)[None] < lengths
+        return torch.arange(s)[None] < torch.tensor(lengths)[:, None]  # [b, s], host
 
     def prepare_eval(self, x0: torch.Tensor, key: CorruptionKey) -> DiffusionBatch:
         """Validation corruption: a fixed t-grid over the whole validation set and fixed masks.
@@ -149,7 +158,7 @@ class MaskedDiffusion:
         t = (self.eps + (1.0 - self.eps) * (j + 0.5) / key.total(b)).float()
         return self._corrupt(x0, t, key.row_generators(b, "eval-mask"))
 
-    def _corrupt(self, x0, t, generators, visible=None) -> DiffusionBatch:
+    def _corrupt(self, x0, t, generators, visible=None, x0_host=None) -> DiffusionBatch:
         sched = self.schedule
         if visible is None and not sched.position_aware and sched.is_nelbo:
             # shared schedule, nothing visible: one alpha and one weight per sequence
@@ -159,14 +168,17 @@ class MaskedDiffusion:
             loss_weights = masked.float() * weight
             t = to_device(t, x0.device)
             return DiffusionBatch(x_t, x0, loss_weights, masked, t, num_masked=count)
-        distance = context_distance(visible, x0)  # [b, s]
-        tt = t.to(x0.device, torch.float64)[:, None]  # [b, 1]
-        alpha = sched.alpha(tt, distance, x0).expand(x0.shape)  # [b, s]
+        # Per position: on the host when it holds the tokens (no device sync), else where x0 is.
+        ref = x0_host if x0_host is not None else x0
+        visible = None if visible is None else visible.to(ref.device)
+        distance = context_distance(visible, ref)  # [b, s]
+        tt = t.to(ref.device, torch.float64)[:, None]  # [b, 1]
+        alpha = sched.alpha(tt, distance, ref).expand(ref.shape)  # [b, s]
         maskable = None if visible is None else ~visible
         x_t, masked, count = mask_tokens(x0, alpha.float(), self.mask_id, generators, maskable)
-        weight = sched.loss_weight(tt, self.eps, distance, x0)
+        weight = to_device(sched.loss_weight(tt, self.eps, distance, ref).float(), x0.device)
         # where() not a product: a weight may be 0/0 where a position cannot be masked
-        loss_weights = torch.where(masked, weight, 0.0).float()
+        loss_weights = torch.where(masked, weight, 0.0)
         t = to_device(t, x0.device)
         return DiffusionBatch(x_t, x0, loss_weights, masked, t, num_masked=count)
 
