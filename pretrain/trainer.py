@@ -98,6 +98,8 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
         + (f"resumed at step {start} from {resume_from}" if reader else "fresh start")
     )
 
+    if note := document_mask_note(cfg, rt):
+        say(note)
     result = TrainResult(run_dir=run_dir, tracking_uri=tracker.uri, run_id=tracker.run_id)
     probe = TrainingProbe.build(cfg, data, engine, rt, say)  # eval.probe_interval > 0
     end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
@@ -259,6 +261,21 @@ def step_batches(data: TrainData, objective, cfg: Config, rt: Runtime, step: int
             batch.attention_mask = document_mask(tokens.document_ids, rt.device)
         batches.append(batch)
     return batches
+
+
+def document_mask_note(cfg: Config, rt: Runtime) -> str | None:
+    """A hint when document masks would run as a dense mask on a GPU."""
+    if (
+        cfg.data.document_mask
+        and rt.device.type == "cuda"
+        and cfg.model.attention_backend == "sdpa"
+    ):
+        return (
+            "[dlm] note: data.document_mask with the 'sdpa' backend computes every attention "
+            "tile and masks it (a dense mask); 'flash' (varlen) or 'flex' skip the tiles across "
+            "documents and were 1.85x faster on an H100 (bench/README.md)"
+        )
+    return None
 
 
 def document_mask(ids: torch.Tensor, device) -> DocumentMask:

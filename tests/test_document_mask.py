@@ -203,3 +203,16 @@ def test_gpu_document_mask_kernels_match_the_fp32_reference(backend):
     for name, g, w in zip(["out", "dq", "dk", "dv"], got, want, strict=True):
         err = (g.float() - w).abs().max() / w.abs().max()
         assert err < 2e-2, f"{backend} {name}: relative error {err:.3g}"
+
+
+def test_a_dense_document_mask_on_a_gpu_gets_a_hint(runtime):
+    import dataclasses
+
+    from pretrain.trainer import document_mask_note
+
+    gpu = dataclasses.replace(runtime, device=torch.device("cuda"))
+    cfg = load_config(None, ["data.document_mask=true"])
+    assert "'flash' (varlen) or 'flex'" in document_mask_note(cfg, gpu)
+    assert document_mask_note(cfg, runtime) is None  # CPU: every backend is dense there
+    for over in (["data.document_mask=true", "model.attention_backend=flex"], []):
+        assert document_mask_note(load_config(None, over), gpu) is None

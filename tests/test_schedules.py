@@ -178,3 +178,11 @@ def test_trainer_passes_the_streams_loss_mask(demo_data, tmp_path, runtime, monk
     assert any(not m.all() for m, _ in seen)  # some rows were truncated
     for loss_mask, masked in seen:
         assert not (masked & ~loss_mask).any()
+
+
+def test_in_sequence_counts_on_the_host_equal_the_pairwise_comparison():
+    from pretrain.diffusion.schedules import in_sequence_counts
+
+    x0 = torch.randint(0, 7, (5, 40), generator=torch.Generator().manual_seed(4))
+    pairwise = (x0[:, :, None] == x0[:, None, :]).sum(-1)
+    assert torch.equal(in_sequence_counts(x0), pairwise)

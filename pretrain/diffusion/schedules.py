@@ -249,6 +249,18 @@ class BlockSchedule(NoiseSchedule):
         return torch.where(slope > 0, slope / tau.clamp(min=1e-12), 0.0)
 
 
+def in_sequence_counts(x0: torch.Tensor) -> torch.Tensor:
+    """[b, s]: how often x0[r, i] occurs in row r. On the host (where the trainer corrupts) by
+    sorting each row, O(s log s); on a GPU by the [b, s, s] comparison, which needs no sync."""
+    if x0.device.type != "cpu":
+        return (x0[:, :, None] == x0[:, None, :]).sum(-1)
+    rows = []
+    for row in x0:
+        _, inverse, counts = torch.unique(row, return_inverse=True, return_counts=True)
+        rows.append(counts[inverse])
+    return torch.stack(rows)
+
+
 @register_schedule
 class FrequencySurrogate(PowerLawSchedule):
     """SURROGATE (not a NELBO): content-dependent masking by in-sequence token frequency.
@@ -267,7 +279,7 @@ class FrequencySurrogate(PowerLawSchedule):
     def exponent(self, distance, x0):
         if x0 is None:
             return 1.0
-        counts = (x0[:, :, None] == x0[:, None, :]).sum(-1).double()  # [b, s]: count of x0_i
+        counts = in_sequence_counts(x0).double()  # [b, s]: count of x0_i in its row
         share = counts / counts.amax(dim=1, keepdim=True)
         return torch.exp(self.strength * (share - 0.5))
 
