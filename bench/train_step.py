@@ -76,7 +76,28 @@ def profile(step_fn, steps: int = 3) -> dict[str, float]:
             kernels[f"{cat}: {event.key[:90]}"] = us / 1e3 / steps
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
     print("top kernels (ms/step):\n" + "\n".join(f"  {v:7.2f}  {k}" for k, v in top), flush=True)
+    idle_gaps(prof, steps)
     return dict(sorted(totals.items()))
+
+
+def idle_gaps(prof, steps: int, min_us: float = 50.0) -> None:
+    """Where the device idles: gaps of at least `min_us` between consecutive kernels, summed per
+    step and grouped by the kernel that ends each gap (what the device was waiting for)."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
+    )
+    by_next: dict[str, list[float]] = {}
+    busy_until = spans[0][1] if spans else 0.0
+    for start, end, name in spans[1:]:
+        if start - busy_until >= min_us:
+            by_next.setdefault(name[:80], []).append((start - busy_until) / 1e3)
+        busy_until = max(busy_until, end)
+    total = sum(sum(v) for v in by_next.values()) / steps
+    top = sorted(by_next.items(), key=lambda kv: -sum(kv[1]))[:10]
+    lines = [f"  {sum(v) / steps:7.2f} ms in {len(v) / steps:5.1f} gaps before {k}" for k, v in top]
+    print(f"idle gaps >= {min_us:.0f} us: {total:.1f} ms/step\n" + "\n".join(lines), flush=True)
 
 
 # CUDA runtime calls in which the host waits for the device (a sync, or a full launch queue)
@@ -416,7 +437,7 @@ def main() -> None:
         if "error" in result:
             print(proc.stdout[-1500:], proc.stderr[-3000:], flush=True)
         else:  # the kernel list, and the host time to fetch and corrupt a batch
-            keep = ("  ", "host syncs", "first host sync", "no host sync")
+            keep = ("  ", "host syncs", "first host sync", "no host sync", "idle gaps")
             print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(keep)))
             if "data_ms" in result:
                 print(f"data: {result['data_ms']:.1f} ms per batch on the host", flush=True)

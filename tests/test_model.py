@@ -175,3 +175,13 @@ def test_sparse_output_head_equals_full_head_at_loss_positions(runtime, monkeypa
             tokens, targets=tokens, loss_positions=positions
         )
     torch.testing.assert_close(ce_eval, ce_full, rtol=1e-5, atol=1e-6)
+
+
+def test_the_layer_stack_compiles_into_one_graph(model):
+    """torch.compile sees the whole trunk as one graph (Megatron's row-parallel linear used to
+    break it twice per layer: each break is a host round trip between kernels on a GPU)."""
+    tokens = torch.randint(0, VOCAB - 1, (2, 16))
+    hidden, rope = model.embedding(tokens), model.rotary(16)
+    explained = torch._dynamo.explain(model.trunk)(hidden, None, rope)
+    assert explained.graph_break_count == 0, [str(b.reason)[:120] for b in explained.break_reasons]
+    assert explained.graph_count == 1

@@ -53,6 +53,10 @@ class ModelConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode of `compile`: `reduce-overhead` replays each layer as CUDA graphs (less
     host launch time), `max-autotune-no-cudagraphs` autotunes the fused kernels (slower start)."""
+    compile_scope: Literal["layer", "trunk"] = "layer"
+    """What one compiled graph covers: `layer` (one graph shared by all layers: fast to compile)
+    or `trunk` (all layers in one graph, entered once per forward and once per backward: fewer
+    host gaps, longer compilation; pipeline parallelism always compiles per layer)."""
     sparse_output: bool = True
     """Run the output layer and cross-entropy only where the loss needs them (masked tokens),
     in memory-bounded chunks. Not with sequence or pipeline parallelism (full head there)."""

@@ -72,6 +72,21 @@ class RotaryEmbedding(torch.nn.Module):
         return self._cache[2]
 
 
+class RowParallelLinearWithGroup(RowParallelLinear):
+    """Megatron's RowParallelLinear, passing its own tensor-parallel group to the matmul.
+
+    Megatron-core 0.16's forward passes `tp_group=None`, which makes the matmul look the default
+    group up and warn on every call; under torch.compile that lookup (`torch.distributed.get_rank`)
+    breaks the graph twice per layer, and each break is one more host round trip between
+    kernels. The group is the same one the layer was built with, so the result is identical.
+    """
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 def transformer_layer_spec(attention_backend: str) -> ModuleSpec:
     """Pre-norm layer: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)), all projections bias-free."""
     return ModuleSpec(
@@ -87,7 +102,7 @@ def transformer_layer_spec(attention_backend: str) -> ModuleSpec:
                     core_attention=ModuleSpec(
                         module=CoreAttention, params={"backend": attention_backend}
                     ),
-                    linear_proj=RowParallelLinear,
+                    linear_proj=RowParallelLinearWithGroup,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -95,7 +110,7 @@ def transformer_layer_spec(attention_backend: str) -> ModuleSpec:
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinearWithGroup
                 ),
             ),
             mlp_bda=get_bias_dropout_add,

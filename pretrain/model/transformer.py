@@ -266,14 +266,20 @@ class DLMTransformer(torch.nn.Module):
         rope = self.rotary(tokens.shape[1])  # [s, 1, 1, d]
         if position_ids is not None:  # a gather, not max(): no device sync for the table size
             rope = rope[position_ids]
-        for layer in self.layers:
-            hidden = self._run_layer(layer, hidden, attention_mask, rope)
+        hidden = self.trunk(hidden, attention_mask, rope)
         if targets is not None and loss_positions is not None:
             return self.head.sparse_cross_entropy(hidden, targets, loss_positions, loss_count)
         logits = self.head(hidden)  # [s, b, V/tp]
         if targets is not None:
             return OutputHead.cross_entropy(logits, targets)
         return logits.transpose(0, 1)
+
+    def trunk(self, hidden, attention_mask, rope) -> torch.Tensor:
+        """All transformer layers on hidden [s, b, h] (one function: `model.compile_scope`
+        'trunk' compiles it as one graph)."""
+        for layer in self.layers:
+            hidden = self._run_layer(layer, hidden, attention_mask, rope)
+        return hidden
 
     def _run_layer(self, layer, hidden, attention_mask, rope):
         return run_layer(
