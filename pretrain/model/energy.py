@@ -20,26 +20,13 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
-from pretrain.model.documents import DocumentMask
-
-
-def trunk_hidden(module: torch.nn.Module, tokens: torch.Tensor, attention_mask=None):
-    """tokens [b, s] -> the final hidden states [s, b, h] of a `DLMTransformer` (no output head);
-    `attention_mask` as the model's forward takes it (None: bidirectional)."""
-    if isinstance(attention_mask, DocumentMask):
-        attention_mask = module.prepare_documents(attention_mask)
-    hidden = module.embedding(tokens)
-    rope = module.rotary(tokens.shape[1])
-    for layer in module.layers:
-        hidden = module._run_layer(layer, hidden, attention_mask, rope)
-    return hidden
-
 
 def sequence_energy(
     module: torch.nn.Module, tokens: torch.Tensor, *, row: int, attention_mask=None
 ) -> torch.Tensor:
     """tokens [b, s] -> E(x) [b] fp32; `row`: the mask token's id."""
-    hidden = module.head.final_norm(trunk_hidden(module, tokens, attention_mask))  # [s, b, h]
+    hidden = module.hidden_states(tokens, attention_mask=attention_mask)  # [s, b, h]
+    hidden = module.head.final_norm(hidden)
     pooled = tensor_parallel.copy_to_tensor_model_parallel_region(hidden.float().mean(dim=0))
     weight = module.head.output_layer.weight  # [V_pad / tp, h]: this rank's vocabulary rows
     row -= parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]  # local index

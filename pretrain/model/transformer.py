@@ -214,6 +214,36 @@ class OutputHead(torch.nn.Module):
         self.dense_ce = torch.compile(dense_cross_entropy, dynamic=True)
 
 
+class _GatherVocab(torch.autograd.Function):
+    """All-gather vocab-parallel logits along the last dim; backward keeps this rank's slice.
+
+    Megatron's own gather allocates its buffer on a CUDA device; this one runs on CPU (gloo) too.
+    No gradient reduction is needed: every TP rank computes the same loss from the same gathered
+    logits, so each one's gradient for its own slice is already the full gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, local):
+        group = parallel_state.get_tensor_model_parallel_group()
+        tp = torch.distributed.get_world_size(group)
+        ctx.rank, ctx.width = torch.distributed.get_rank(group), local.shape[-1]
+        if tp == 1:
+            return local
+        pieces = [torch.empty_like(local) for _ in range(tp)]
+        torch.distributed.all_gather(pieces, local.contiguous(), group=group)
+        return torch.cat(pieces, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.narrow(-1, ctx.rank * ctx.width, ctx.width)
+
+
+def gather_vocab_parallel(local: torch.Tensor) -> torch.Tensor:
+    """Logits [..., V/tp] sliced by vocabulary over the TP ranks -> [..., V] on every rank
+    (differentiable; the identity without tensor parallelism)."""
+    return _GatherVocab.apply(local)
+
+
 class DLMTransformer(torch.nn.Module):
     """Bidirectional transformer for masked/hybrid diffusion LMs (LLaDA-style architecture)."""
 
@@ -260,19 +290,31 @@ class DLMTransformer(torch.nn.Module):
         `position_ids` ([s] long in [0, s), shared by the batch; None = 0..s-1): RoPE positions,
         e.g. the two copies 0..L-1 of block diffusion's [x_t ; x0].
         """
-        if isinstance(attention_mask, DocumentMask):
-            attention_mask = self.prepare_documents(attention_mask)
-        hidden = self.embedding(tokens)  # [s, b, h]
-        rope = self.rotary(tokens.shape[1])  # [s, 1, 1, d]
-        if position_ids is not None:  # a gather, not max(): no device sync for the table size
-            rope = rope[position_ids]
-        hidden = self.trunk(hidden, attention_mask, rope)
+        hidden = self.hidden_states(  # [s, b, h]
+            tokens, attention_mask=attention_mask, position_ids=position_ids
+        )
         if targets is not None and loss_positions is not None:
             return self.head.sparse_cross_entropy(hidden, targets, loss_positions, loss_count)
         logits = self.head(hidden)  # [s, b, V/tp]
         if targets is not None:
             return OutputHead.cross_entropy(logits, targets)
         return logits.transpose(0, 1)
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens [b, s] -> the last layer's hidden states [s, b, h] (before the final norm)."""
+        if isinstance(attention_mask, DocumentMask):
+            attention_mask = self.prepare_documents(attention_mask)
+        hidden = self.embedding(tokens)  # [s, b, h]
+        rope = self.rotary(tokens.shape[1])  # [s, 1, 1, d]
+        if position_ids is not None:  # a gather, not max(): no device sync for the table size
+            rope = rope[position_ids]
+        return self.trunk(hidden, attention_mask, rope)
 
     def trunk(self, hidden, attention_mask, rope) -> torch.Tensor:
         """All transformer layers on hidden [s, b, h] (one function: `model.compile_scope`

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from pretrain.errors import DataError
+from pretrain.model.transformer import gather_vocab_parallel
 from pretrain.probe.buckets import distance_bucketed_ce
 from pretrain.probe.probe import frequent_token_ids, run_probe, write_probe
 
@@ -64,13 +64,8 @@ class ModelProbe:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         device = next(self.module.parameters()).device
         logits = self.module(x.to(device))  # [b, s, V/tp]
-        if self.gather_logits:  # a plain all-gather: Megatron's allocates on the CUDA device
-            from megatron.core import parallel_state
-
-            group = parallel_state.get_tensor_model_parallel_group()
-            parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(parts, logits.contiguous(), group=group)
-            logits = torch.cat(parts, dim=-1)  # [b, s, V], vocabulary slices in rank order
+        if self.gather_logits:
+            logits = gather_vocab_parallel(logits)  # [b, s, V]
         return logits
 
     def _ce(self, x_t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from pretrain.diffusion.corruption import CorruptionKey
 from pretrain.diffusion.objective import DiffusionBatch
 from pretrain.errors import ConfigError
 from pretrain.model.documents import DocumentMask
+from pretrain.model.transformer import gather_vocab_parallel
 
 AUXILIARIES: dict[str, type[AuxiliaryLoss]] = {}
 
@@ -37,32 +38,6 @@ WEIGHT_SCHEDULES: dict[str, Callable[[int, AuxiliaryLossConfig], float]] = {
         1.0, max(0.0, (step - c.start_step + 1) / max(c.ramp_steps, 1))
     ),
 }
-
-
-class _GatherVocab(torch.autograd.Function):
-    """All-gather vocab-parallel logits along the last dim; backward keeps this rank's slice.
-
-    Megatron's own gather allocates its buffer on a CUDA device; this one runs on CPU (gloo) too.
-    No gradient reduction is needed: every TP rank computes the same loss from the same gathered
-    logits, so each one's gradient for its own slice is already the full gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, local):
-        from megatron.core import parallel_state
-
-        group = parallel_state.get_tensor_model_parallel_group()
-        tp = torch.distributed.get_world_size(group)
-        ctx.rank, ctx.width = torch.distributed.get_rank(group), local.shape[-1]
-        if tp == 1:
-            return local
-        pieces = [torch.empty_like(local) for _ in range(tp)]
-        torch.distributed.all_gather(pieces, local.contiguous(), group=group)
-        return torch.cat(pieces, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.narrow(-1, ctx.rank * ctx.width, ctx.width)
 
 
 class ModelView:
@@ -90,7 +65,7 @@ class ModelView:
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> fp32 logits [b, s, V] over the real vocabulary (mask at -inf)."""
         local = self.model(tokens, attention_mask=self._mask(tokens))  # [b, s, V_pad / tp]
-        return _GatherVocab.apply(local)[..., : self.vocab_size].float()
+        return gather_vocab_parallel(local)[..., : self.vocab_size].float()
 
     def ce(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """tokens, targets [b, s] -> -log p(target | tokens) [b, s] fp32 (vocab-parallel)."""
