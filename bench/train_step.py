@@ -56,16 +56,23 @@ def categorize(name: str) -> str:
     return "other"
 
 
-def profile(step_fn, steps: int = 3) -> dict[str, float]:
-    """Device milliseconds per step by kernel category."""
-    from torch.profiler import ProfilerActivity
+def profiled(step_fn, steps: int, activity):
+    """torch.profiler over `steps` steps, from an idle GPU to the end of their device work."""
     from torch.profiler import profile as torch_profile
 
     torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[activity]) as prof:
         for _ in range(steps):
             step_fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def profile(step_fn, steps: int = 3) -> dict[str, float]:
+    """Device milliseconds per step by kernel category."""
+    from torch.profiler import ProfilerActivity
+
+    prof = profiled(step_fn, steps, ProfilerActivity.CUDA)
     totals: dict[str, float] = {}
     kernels: dict[str, float] = {}
     for event in prof.key_averages():
@@ -105,17 +112,13 @@ WAITS = ("Synchronize", "cudaMemcpy", "cudaStreamWait")
 
 
 def host_profile(step_fn, steps: int = 3) -> dict[str, float]:
-    """Host milliseconds per step: the CUDA runtime calls that wait for the device, the kernel
+    """Host milliseconds per step: the CUDA runtime calls that wait for the device (including the
+    synchronise that ends the profiled steps, i.e. how far the host ran ahead), the kernel
     launches, and the busiest host operations by self time (the profiler's own cost included,
     so compare the shares, not the totals, with the step time)."""
     from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
 
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step_fn()
-        torch.cuda.synchronize()
+    prof = profiled(step_fn, steps, ProfilerActivity.CPU)
     ops = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
     out = {
         "host_total": sum(ops.values()),
@@ -437,7 +440,7 @@ def main() -> None:
         if "error" in result:
             print(proc.stdout[-1500:], proc.stderr[-3000:], flush=True)
         else:  # the kernel list, and the host time to fetch and corrupt a batch
-            keep = ("  ", "host syncs", "first host sync", "no host sync", "idle gaps")
+            keep = ("  ", "host", "first host sync", "no host sync", "idle gaps")
             print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(keep)))
             if "data_ms" in result:
                 print(f"data: {result['data_ms']:.1f} ms per batch on the host", flush=True)

@@ -123,12 +123,10 @@ class MaskedDiffusion:
         the batch never waits for the device.
         """
         t = sample_times(x0.shape[0], key, eps=self.eps, antithetic=self.antithetic)
-        visible = self._prefix(x0, key)  # on the host
+        visible = self._prefix(x0, key)  # [b, s] on the host, or None
         # all True: the default path (a host loss_mask answers this without a device sync)
         if loss_mask is not None and not bool(loss_mask.all()):
-            hidden_from_loss = ~loss_mask.to(dtype=torch.bool)
-            if visible is not None:
-                hidden_from_loss = hidden_from_loss.to(visible.device)
+            hidden_from_loss = ~loss_mask.to("cpu", torch.bool)
             visible = hidden_from_loss if visible is None else visible | hidden_from_loss
         generators = key.row_generators(x0.shape[0], "mask")
         return self._corrupt(x0, t, generators, visible, x0_host)
