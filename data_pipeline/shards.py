@@ -12,37 +12,67 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from data_pipeline.manifest import MANIFEST_FILE, Manifest
+from data_pipeline.manifest import MANIFEST_FILE, SHARD_NAME, Manifest
 from pretrain.errors import DataError
 
 
-def shard_location(data_dir: str | Path, name: str, shard_url: str | None = None) -> str:
-    """Where shard ``name`` lives: ``shard_url`` with ``{name}`` filled in, else a local path."""
-    if shard_url:
-        return shard_url.replace("{name}", name)
-    return str(Path(data_dir) / name)
+def check_shard_name(name: str, where: str) -> str:
+    if not SHARD_NAME.fullmatch(name) or ".." in name:
+        raise DataError(
+            f"{where}: shard name {name!r} is not a plain file name (letters, digits, '.', '_', "
+            "'-'; no path separators, spaces or shell characters)"
+        )
+    return name
 
 
-def is_local(location: str) -> bool:
-    """Whether ``location`` is a plain file path (checked up front) rather than a URL or pipe."""
-    return ":" not in location.split("/", 1)[0] or location.startswith("file:")
+@dataclass(frozen=True)
+class ShardLocation:
+    """Where a shard's bytes come from: a local file (`path`), or a URL/command (`url`) built
+    from the user's `shard_url` template. `str()` is what messages show."""
+
+    path: Path | None = None
+    url: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else str(self.url)
 
 
-def _fetch(location: str, listed: str) -> bytes:
-    """All bytes of the shard at ``location``; a missing file or failing command names it."""
-    if is_local(location):
-        path = Path(location.removeprefix("file:"))
-        if not path.is_file():
+def shard_location(data_dir: str | Path, name: str, shard_url: str | None = None) -> ShardLocation:
+    """Where shard `name` lives: `shard_url` with `{name}` filled in, else `data_dir/name`.
+
+    Without a template the shard is a local file, always opened as one (a name can never turn
+    into a URL or command, whatever the data path is). In a `pipe:` template the name is
+    shell-quoted; a template whose location is a plain path or `file:` is read as a file too.
+    """
+    check_shard_name(name, f"{Path(data_dir) / MANIFEST_FILE}")
+    if not shard_url:
+        return ShardLocation(path=Path(data_dir) / name)
+    if shard_url.startswith("pipe:"):
+        return ShardLocation(url=shard_url.replace("{name}", shlex.quote(name)))
+    filled = shard_url.replace("{name}", name)
+    if filled.startswith("file:"):
+        return ShardLocation(path=Path(filled.removeprefix("file:")))
+    if ":" not in filled.split("/", 1)[0]:
+        return ShardLocation(path=Path(filled))
+    return ShardLocation(url=filled)
+
+
+def _fetch(location: ShardLocation, listed: str) -> bytes:
+    """All bytes of the shard at `location`; a missing file or failing command names it."""
+    if location.path is not None:
+        if not location.path.is_file():
             raise DataError(f"{location}: shard is missing; {listed}")
-        return path.read_bytes()
+        return location.path.read_bytes()
     try:
-        with gopen(location, "rb", bufsize=1 << 20) as stream:  # 8 KiB default: 4x slower
+        with gopen(location.url, "rb", bufsize=1 << 20) as stream:  # 8 KiB default: 4x slower
             return stream.read()
     except Exception as exc:  # a pipe's non-zero exit status, an unknown scheme, a network error
         detail = " ".join(str(exc).split()) or type(exc).__name__
@@ -79,7 +109,7 @@ def read_shard(
                 f"{info.sha256[:16]}...; the shard is corrupt or modified; {listed}"
             )
     try:
-        source = [{"url": where, "stream": io.BytesIO(raw)}]
+        source = [{"url": str(where), "stream": io.BytesIO(raw)}]
         samples = list(group_by_keys(tar_file_expander(source)))
     except Exception as exc:  # tarfile.ReadError, EOFError, ValueError (duplicate member), ...
         detail = " ".join(str(exc.args[0] if exc.args else "").split())  # keep it one line
@@ -126,6 +156,6 @@ def check_present(data_dir: Path, manifest: Manifest, split: str, shard_url: str
     missing = []
     for k, info in enumerate(manifest.splits[split]):
         where = shard_location(data_dir, info.name, shard_url)
-        if is_local(where) and not Path(where.removeprefix("file:")).is_file():
+        if where.path is not None and not where.path.is_file():
             missing.append(k)
     return missing

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import REPO, tiny_overrides
 
 from launcher.cli import main as dlm
@@ -75,14 +74,16 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(
     ckpt_dir = tmp_path / "crash" / "checkpoints"
     before = tree_digest(ckpt_dir / "step_00000004")
 
-    real_save = torch.save
+    from pretrain.checkpoint import manager
 
-    def failing_save(obj, f, *args, **kwargs):
-        if "trainer_rank" in str(f):
+    real_write = manager.write_record
+
+    def failing_write(path, value):
+        if "trainer_rank" in str(path):
             raise OSError("No space left on device")
-        return real_save(obj, f, *args, **kwargs)
+        return real_write(path, value)
 
-    monkeypatch.setattr("pretrain.checkpoint.manager.torch.save", failing_save)
+    monkeypatch.setattr(manager, "write_record", failing_write)
     with pytest.raises(OSError, match="No space left"):
         run(demo_data, tmp_path, "crash")
     monkeypatch.undo()

@@ -16,7 +16,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
 
 from pretrain.checkpoint.format import (
@@ -26,7 +25,14 @@ from pretrain.checkpoint.format import (
     trainer_state_file,
     write_rank_shard,
 )
-from pretrain.checkpoint.manager import LATEST, _atomic_write_text, seal, verify_checkpoint
+from pretrain.checkpoint.manager import (
+    LATEST,
+    _atomic_write_text,
+    load_trainer_state,
+    seal,
+    verify_checkpoint,
+)
+from pretrain.checkpoint.records import write_record
 from pretrain.config.loader import from_dict
 from pretrain.config.schema import Config
 from pretrain.errors import CheckpointError
@@ -88,8 +94,8 @@ def convert_checkpoint(src: str | Path, out_dir: str | Path, *, tp: int, pp: int
             rank = stage * topo.tp * topo.dp + tp_rank  # coordinates (stage, dp 0, tp_rank)
             write_rank_shard(staging, rank, tensors, meta)
     common = dict(reader.common, layout={"tp": tp, "pp": pp, "dp": 1})
-    torch.save(common, staging / COMMON)
-    shutil.copy2(src / trainer_state_file(0), staging / trainer_state_file(0))
+    write_record(staging / COMMON, common)
+    write_record(staging / trainer_state_file(0), load_trainer_state(src, 0))
     seal(staging, final, int(common["step"]), yaml.safe_dump(data, sort_keys=False))
     _atomic_write_text(out_dir / LATEST, final.name + "\n")
     return final

@@ -3,8 +3,10 @@
     shards/rank-00003.safetensors   tensors "<canonical name>#<kind>" (kind: param, exp_avg,
                                     exp_avg_sq), each the writing rank's TP shard, complete over DP;
                                     header metadata: per name its tp_rank and tp_size
-    common.pt                       optimizer step, LR scheduler, layout it was written with
-    trainer_rank_00003.pt           per-rank trainer state (data position, RNG, tracking run)
+    common.json                     optimizer step, LR scheduler, layout it was written with
+    trainer_rank_00003.json         per-rank trainer state (data position, RNG, tracking run)
+
+The JSON records are plain data (`records.py`): loading a checkpoint never unpickles anything.
 
 Every rank writes its own shard file. Within a data-parallel group the parameters of one
 (pipeline stage, TP rank) are dealt out round-robin, so all ranks share the writing; a TP-replicated
@@ -25,12 +27,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pretrain.checkpoint.optim_state import KINDS, get_param_state, link_fragments
+from pretrain.checkpoint.records import read_record
 from pretrain.errors import CheckpointError
 from pretrain.model.sharding import shard, shard_spec, unshard
 
 FORMAT_VERSION = 1
 SHARD_DIR = "shards"
-COMMON = "common.pt"
+COMMON = "common.json"
+LEGACY_COMMON = "common.pt"
+"""Written before the JSON records; read with the restricted unpickler only."""
 
 
 def shard_file(rank: int) -> str:
@@ -38,6 +43,10 @@ def shard_file(rank: int) -> str:
 
 
 def trainer_state_file(rank: int) -> str:
+    return f"trainer_rank_{rank:05d}.json"
+
+
+def legacy_trainer_state_file(rank: int) -> str:
     return f"trainer_rank_{rank:05d}.pt"
 
 
@@ -95,7 +104,7 @@ class CheckpointReader:
                 )
         for entries in self.index.values():
             entries.sort(key=lambda e: e.tp_rank)
-        self.common = torch.load(self.path / COMMON, weights_only=False)
+        self.common = read_record(self.path / COMMON, legacy=self.path / LEGACY_COMMON)
 
     def names(self) -> set[str]:
         return set(self.index)

@@ -3,7 +3,7 @@
 Layout of `<run>/checkpoints/`:
 
     step_00000200/            a complete checkpoint (never modified after it appears)
-        shards/rank-*.safetensors, common.pt, trainer_rank_*.pt   see `format.py`
+        shards/rank-*.safetensors, common.json, trainer_rank_*.json   see `format.py`
         config.yaml                                               the resolved run config
         COMPLETE.json                                             marker: step + every file's size
     latest                    text file naming the newest complete checkpoint
@@ -21,7 +21,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint.format import (
@@ -30,6 +29,7 @@ from pretrain.checkpoint.format import (
     CheckpointReader,
     canonical_names,
     capture_rank_shard,
+    legacy_trainer_state_file,
     load_weights,
     trainer_state_file,
     write_rank_shard,
@@ -41,6 +41,7 @@ from pretrain.checkpoint.optim_state import (
     set_param_state,
     set_step,
 )
+from pretrain.checkpoint.records import read_record, write_record
 from pretrain.errors import CheckpointError
 
 MARKER = "COMPLETE.json"
@@ -111,7 +112,7 @@ class CheckpointManager:
             tp_size=rt.tp,
         )
         write_rank_shard(staging, self.rank, tensors, meta)
-        torch.save(trainer_state, staging / trainer_state_file(self.rank))
+        write_record(staging / trainer_state_file(self.rank), trainer_state)
         if self.rank == 0:
             common = {
                 "step": step,
@@ -119,7 +120,7 @@ class CheckpointManager:
                 "scheduler": engine.ds.lr_scheduler.state_dict(),
                 "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp},
             }
-            torch.save(common, staging / COMMON)
+            write_record(staging / COMMON, common)
         _barrier()
         final = self.directory / tag
         if self.rank == 0:
@@ -186,8 +187,14 @@ def load_trainer_state(path: Path, rank: int) -> dict:
     """This rank's trainer state. A rank that did not exist when the checkpoint was written (the
     data-parallel size grew) takes rank 0's: the data position is global, and the only other
     per-rank state (the CPU RNG) does not drive anything that must match across ranks."""
-    own = path / trainer_state_file(rank)
-    return torch.load(own if own.is_file() else path / trainer_state_file(0), weights_only=False)
+    for r in (rank, 0):
+        if (path / trainer_state_file(r)).is_file() or (
+            path / legacy_trainer_state_file(r)
+        ).is_file():
+            return read_record(
+                path / trainer_state_file(r), legacy=path / legacy_trainer_state_file(r)
+            )
+    raise CheckpointError(f"{path}: no {trainer_state_file(0)} (trainer state)")
 
 
 def verify_checkpoint(path: Path) -> dict:

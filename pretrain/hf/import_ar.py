@@ -12,7 +12,7 @@ run with a causal attention mask, our model reproduces the causal LM's logits. W
   no biases, and silently dropping non-zero ones would change the model.
 
 The result is a weights-only checkpoint in our format (no optimizer state), sealed like any
-checkpoint: `OUT_DIR/{config.yaml, shards/, common.pt, tokenizer.json, COMPLETE.json}`. It loads
+checkpoint: `OUT_DIR/{config.yaml, shards/, common.json, tokenizer.json, COMPLETE.json}`. It loads
 with `CheckpointReader` + `load_weights` in any tensor-parallel layout, and exports back with
 `dlm export OUT_DIR HF_OUT`.
 """
@@ -30,6 +30,7 @@ from safetensors import safe_open
 
 from pretrain.checkpoint.format import COMMON, write_rank_shard
 from pretrain.checkpoint.manager import seal
+from pretrain.checkpoint.records import write_record
 from pretrain.config import to_yaml
 from pretrain.config.schema import Config, ModelConfig
 from pretrain.errors import CheckpointError
@@ -227,7 +228,7 @@ def _write(out: Path, staging: Path, hf_dir: Path, model, canonical, tok, specia
         "imported_from": str(hf_dir.resolve()),
         "weights_only": True,
     }
-    torch.save(common, staging / COMMON)
+    write_record(staging / COMMON, common)
     if tok is not None:
         tok.save(str(staging / "tokenizer.json"))
         mask_token = MASK_TOKEN

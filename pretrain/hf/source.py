@@ -15,8 +15,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from pretrain.checkpoint.format import CheckpointReader, canonical_names, trainer_state_file
-from pretrain.checkpoint.manager import verify_checkpoint
+from pretrain.checkpoint.format import (
+    CheckpointReader,
+    canonical_names,
+    legacy_trainer_state_file,
+    trainer_state_file,
+)
+from pretrain.checkpoint.manager import load_trainer_state, verify_checkpoint
 from pretrain.config.loader import from_dict
 from pretrain.config.schema import Config
 from pretrain.errors import CheckpointError, DataError
@@ -129,9 +134,8 @@ def read_checkpoint(path: str | Path, *, data_dir: str | Path | None = None) -> 
     if data_dir is None:
         data_dir = path if (path / TOKENIZER_RECORD).is_file() else Path(cfg.data.path)
     run_id = None
-    trainer_state = path / trainer_state_file(0)
-    if trainer_state.is_file():
-        run_id = torch.load(trainer_state, weights_only=False).get("tracking_run_id")
+    if any((path / f(0)).is_file() for f in (trainer_state_file, legacy_trainer_state_file)):
+        run_id = load_trainer_state(path, 0).get("tracking_run_id")
     return TrainedModel(
         path=path,
         config=cfg,
