@@ -15,7 +15,7 @@ Modes (each in its own process, so none inherits another's memory or compile cac
 Shards are built once (`dlm data build --demo`) under --data unless they exist there.
 
 MFU = tokens/s x FLOPs/token / 989e12 (dense bf16, H100/H200). FLOPs/token = 6 N + 12 L s d
-(DESIGN.md sec. 8, bidirectional attention in full). The reference runs the output layer on every
+(docs/design.md §8, bidirectional attention in full). The reference runs the output layer on every
 position; ours runs it on masked positions only, so for ours N counts the output layer times the
 measured masked fraction (`mfu`), and `mfu_all_positions` credits it as if it ran everywhere, the
 figure comparable with the reference's. A torch.profiler pass splits device time into attention,
@@ -157,40 +157,25 @@ def config(a, compile_layers: bool):
     return load_config(a.config, overrides)
 
 
-def build_step(cfg):
-    """What the trainer builds for a fresh run of `cfg`: (runtime, data, objective, engine)."""
-    from pretrain.diffusion.objective import build_objective
-    from pretrain.parallel.engine import build_engine
-    from pretrain.parallel.runtime import init_runtime
-    from pretrain.trainer import TrainData
-
-    rt = init_runtime(cfg)
-    data = TrainData(cfg, rt)
-    mask_id = data.manifest.tokenizer.mask_id
-    objective = build_objective(cfg.diffusion, mask_id=mask_id, seq_len=cfg.data.seq_len)
-    engine = build_engine(
-        cfg, rt, vocab_size=data.vocab_size, mask_token_id=mask_id, objective=objective
-    )
-    return rt, data, objective, engine
-
-
 def build_ours(a, compile_layers: bool):
-    from pretrain.trainer import step_batches
+    """What the trainer builds for a fresh run (`pretrain.run.build_run`)."""
+    from pretrain.run import build_run
 
     cfg = config(a, compile_layers)
-    rt, data, objective, engine = build_step(cfg)
+    run = build_run(cfg, resume=False)
     counter = iter(range(10**9))
 
     def next_batch():  # the trainer's corruption and host-to-device copies
-        return step_batches(data, objective, cfg, rt, next(counter))[0]
+        return run.step_batches(next(counter))[0]
 
-    return cfg, engine, objective, data, next_batch
+    return cfg, run, next_batch
 
 
 def run_ours(a, compile_layers: bool) -> dict:
     from pretrain.parallel.engine import host_metrics
 
-    cfg, engine, _, data, next_batch = build_ours(a, compile_layers)
+    cfg, run, next_batch = build_ours(a, compile_layers)
+    engine, recipe = run.engine, run.recipe
     masked, pending = [], []
 
     def read(metrics):
@@ -199,7 +184,8 @@ def run_ours(a, compile_layers: bool) -> dict:
 
     def step():
         batch = next_batch()
-        pending.append(engine.global_metrics(engine.train_step([batch])))  # the trainer's call
+        local = engine.train_step([batch], recipe.loss)  # the trainer's calls
+        pending.append(engine.global_metrics(local, recipe.train_metric_names))
         if len(pending) == cfg.train.log_interval:  # the trainer reads metrics at its log lines
             read(pending)
 
@@ -226,11 +212,11 @@ def run_ours(a, compile_layers: bool) -> dict:
 def run_reference(a) -> dict:
     from reference import build_reference
 
+    from pretrain.config.schema import padded_vocab_size
     from pretrain.diffusion.corruption import CorruptionKey, to_device
     from pretrain.diffusion.objective import build_objective
-    from pretrain.model.transformer import padded_vocab_size
     from pretrain.parallel.runtime import init_runtime
-    from pretrain.trainer import TrainData
+    from pretrain.run import TrainData
 
     cfg = config(a, False)
     rt = init_runtime(cfg)
@@ -270,10 +256,12 @@ def run_check(a) -> dict:
     """Same batch and mask through ours (bf16 DeepSpeed engine) and the reference (our weights)."""
     from reference import build_reference, load_canonical
 
-    cfg, engine, objective, data, next_batch = build_ours(a, False)
-    batch = next_batch()
+    cfg, run, next_batch = build_ours(a, False)
+    engine, objective, data = run.engine, run.recipe.objective, run.data
+    step = next_batch()
+    batch = step.batch
     with torch.no_grad():
-        ours = float(engine.eval_step(batch)["loss"])
+        ours = float(engine.eval_step(step, run.recipe.loss)["loss"])
         module = engine.ds.module
         canonical = {n: p.detach().float() for n, p in engine.canonical_parameters()}
         ref = build_reference(

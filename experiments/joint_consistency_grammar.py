@@ -93,7 +93,7 @@ def train_variant(name: str, data: Path, out: Path, args) -> tuple[Path, float]:
 def load_model(ckpt: Path, data: Path, seq_len: int):
     from pretrain.checkpoint.manager import open_checkpoint, weight_loader
     from pretrain.config import load_config
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     manifest = json.loads((data / "manifest.json").read_text())
     vocab, mask = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["mask_id"]

@@ -25,8 +25,8 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from launcher.signals import REQUEUE_EXIT_CODE
 from pretrain.errors import DLMError
+from pretrain.preemption import REQUEUE_EXIT_CODE
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -216,7 +216,20 @@ GROUP_HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def selected_command(argv: list[str]) -> tuple[str, ...] | None:
+    """The command path `argv` names (its leading words), or None."""
+    words = [w for w in argv[:2] if not w.startswith("-")]
+    for n in (2, 1):
+        if tuple(words[:n]) in COMMANDS:
+            return tuple(words[:n])
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with `argv`, only the command it names gets its arguments
+    (their modules are imported to declare them), so `dlm --help` and light commands start
+    without importing torch, DeepSpeed or Megatron."""
+    only = selected_command(argv) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog="dlm", description="Pretrain masked and hybrid diffusion language models."
     )
@@ -232,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                     dest="subcommand", metavar="SUBCOMMAND", required=True
                 )
             sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text)
-        add_arguments(sub)
+        if argv is None or path == only:
+            add_arguments(sub)
         sub.set_defaults(run=run)
     return parser
 
@@ -241,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron-core warns at import that optional fused kernels (Apex, Transformer Engine) are
     # absent; we never use them, so the warning is noise on every command.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.run(args)
     except DLMError as exc:

@@ -20,3 +20,8 @@ class DataError(DLMError):
 
 class CheckpointError(DLMError):
     """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class TrainingError(DLMError):
+    """Training cannot go on safely (a non-finite loss or gradient): it stopped before writing
+    anything non-finite."""

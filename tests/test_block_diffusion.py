@@ -11,13 +11,10 @@ from conftest import tiny_overrides
 
 from pretrain.config import DiffusionConfig, ModelConfig, load_config
 from pretrain.diffusion.corruption import CorruptionKey
+from pretrain.diffusion.masks import block_causal_mask, block_diffusion_mask
 from pretrain.diffusion.objective import build_objective
 from pretrain.errors import ConfigError
-from pretrain.model.attention import (
-    block_causal_mask,
-    block_diffusion_mask,
-    get_attention_backend,
-)
+from pretrain.model.attention import get_attention_backend
 
 V, MASK = 30, 29
 
@@ -44,7 +41,7 @@ def test_block_diffusion_mask_enumerates_the_definition():
 
 @pytest.fixture(scope="module")
 def tiny_model(runtime):
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     cfg = ModelConfig(
         hidden_size=32,

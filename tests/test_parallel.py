@@ -66,7 +66,7 @@ def launch(nproc: int, runs: list[dict], workdir: Path, expect_failure: bool = F
     if expect_failure:
         assert proc.returncode != 0, "the job was expected to die"
         return []
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-12000:]
     return json.loads(out.read_text())
 
 

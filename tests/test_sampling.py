@@ -149,7 +149,7 @@ def test_temperature_sampling_is_reproducible_with_a_generator():
 
 def test_generate_with_a_real_model(runtime):
     from pretrain.config import ModelConfig
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     model = build_model(
         ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=2, ffn_hidden_size=64),

@@ -8,10 +8,17 @@ Cross-field rules live in each section's `validate()` and raise `ConfigError` na
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pretrain.errors import ConfigError
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """The embedding/output vocabulary: `vocab_size` rounded up to `multiple`; independent of
+    the TP size so every layout has identical weights."""
+    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 @dataclass(kw_only=True)
@@ -59,7 +66,8 @@ class ModelConfig:
     host gaps, longer compilation; pipeline parallelism always compiles per layer)."""
     sparse_output: bool = True
     """Run the output layer and cross-entropy only where the loss needs them (masked tokens),
-    in memory-bounded chunks. Not with sequence or pipeline parallelism (full head there)."""
+    in memory-bounded chunks (any layout; under sequence parallelism the head runs on every
+    position, as its output layer gathers the sequence)."""
     sdpa_backends: list[Literal["cudnn", "flash", "efficient", "math"]] = field(
         default_factory=lambda: ["cudnn", "flash", "efficient", "math"]
     )
@@ -150,7 +158,8 @@ class DataConfig:
     tokens; the rest is EOS padding with loss_mask False (shapes stay [b, seq_len])."""
     document_mask: bool = False
     """Attend only within each document of a packed block (documents end at EOS; truncation
-    padding is a document of its own), in training and validation (docs/data.md)."""
+    padding is a document of its own), in training and validation, with every objective (its
+    own attention pattern intersected with the documents) and layout (docs/data.md)."""
 
     def validate(self) -> None:
         if self.num_workers < 0:
@@ -204,6 +213,16 @@ class TrainConfig:
     init_from: str | None = None
     """A checkpoint directory whose weights start a fresh run (no optimizer state, step 0), e.g.
     a causal `ar` checkpoint for `ar_adapt`; ignored when the run resumes its own checkpoint."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm: `stop` ends the run with an error at the next
+    log/eval/checkpoint boundary, before anything non-finite is saved; `skip` skips the update
+    of such a step (no parameter or moment changes; counted as `train/skipped_steps`), which
+    needs the fused optimizer (`optim.master_weights` fused/auto with ZeRO 0/1)."""
+    spike_zscore: float = 6.0
+    """A step whose loss exceeds the mean of the previous `spike_window` steps by this many
+    standard deviations is a loss spike: counted (`train/loss_spikes`) and reported."""
+    spike_window: int = 100
+    """Steps of loss history the spike detector compares against."""
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "keep_last"):
@@ -212,6 +231,8 @@ class TrainConfig:
         for key in ("eval_interval", "checkpoint_interval", "eval_batches"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.spike_zscore > 0 or self.spike_window < 2:
+            raise ConfigError("train.spike_zscore must be > 0 and train.spike_window >= 2")
 
 
 @dataclass(kw_only=True)
@@ -230,10 +251,12 @@ class OptimConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
-    master_weights: Literal["deepspeed", "fused"] = "deepspeed"
-    """Who keeps the fp32 master weights of bf16 training: DeepSpeed's bf16/ZeRO optimizer, or
-    `fused`: our multi-tensor AdamW (fp32 gradient accumulation, one flat all-reduce, no host
-    sync in the step). `fused` needs parallel.zero_stage=0 and parallel.pipeline_parallel=1."""
+    master_weights: Literal["auto", "deepspeed", "fused"] = "auto"
+    """Who keeps the fp32 master weights and AdamW state: `fused`, our multi-tensor AdamW (fp32
+    gradient accumulation, one flat reduction, no host sync in the step; with
+    parallel.zero_stage=1 its state is sharded over data parallelism), or DeepSpeed's bf16/ZeRO
+    optimizer (`deepspeed`, needed for ZeRO-2/3). `auto`: `fused` for ZeRO 0/1, else
+    `deepspeed` (equal losses and parameters: tests/test_layouts.py)."""
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -417,40 +440,28 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Diagnostics: the information-decay probe and distance-bucketed validation CE."""
 
-    def _check_document_mask(self) -> None:
-        objective = self.diffusion.objective
-        conflicts = {
-            f"diffusion.objective '{objective}' (it brings its own attention mask)": (
-                objective != "masked"
-            ),
-            "parallel.pipeline_parallel > 1 (the pipeline engine carries no attention mask)": (
-                self.parallel.pipeline_parallel > 1
-            ),
-        }
-        for what, conflict in conflicts.items():
-            if conflict:
-                raise ConfigError(f"data.document_mask cannot be combined with {what}")
-
     def validate(self) -> None:
         for section in (self.model, self.diffusion, self.train, self.optim, self.parallel):
             section.validate()
         self.launch.validate()
         self.auxiliary.validate()
         self.eval.validate()
-        if self.diffusion.objective != "masked" and self.parallel.pipeline_parallel > 1:
+        from pretrain.diffusion.registry import check_config  # plain data, no torch
+
+        check_config(self)  # what the objective takes (schedules, prefixes, auxiliary losses)
+        fused = self.optim.master_weights == "fused" or (
+            self.optim.master_weights == "auto" and self.parallel.zero_stage <= 1
+        )
+        if self.train.on_nonfinite == "skip" and not fused:
             raise ConfigError(
-                f"diffusion.objective '{self.diffusion.objective}' needs attention masks, which "
-                "the pipeline engine does not carry: use parallel.pipeline_parallel=1"
+                "train.on_nonfinite 'skip' decides on the device inside the fused optimizer: it "
+                "needs optim.master_weights 'fused' or 'auto' with parallel.zero_stage 0 or 1"
             )
-        if self.data.document_mask:
-            self._check_document_mask()
-        if self.optim.master_weights == "fused" and (
-            self.parallel.zero_stage or self.parallel.pipeline_parallel > 1
-        ):
+        if self.optim.master_weights == "fused" and self.parallel.zero_stage > 1:
             raise ConfigError(
-                "optim.master_weights 'fused' keeps a whole optimizer state per replica: it needs "
-                f"parallel.zero_stage=0 (got {self.parallel.zero_stage}) and "
-                f"parallel.pipeline_parallel=1 (got {self.parallel.pipeline_parallel})"
+                "optim.master_weights 'fused' shards its optimizer state over data parallelism "
+                f"as ZeRO-1 does: it needs parallel.zero_stage 0 or 1 (got "
+                f"{self.parallel.zero_stage}); ZeRO-2/3 run with 'deepspeed' (or 'auto')"
             )
         tp = self.parallel.tensor_parallel
         if self.model.num_attention_heads % tp:

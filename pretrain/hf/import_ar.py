@@ -32,12 +32,11 @@ from pretrain.checkpoint.format import COMMON, write_rank_shard
 from pretrain.checkpoint.manager import seal
 from pretrain.checkpoint.records import write_record
 from pretrain.config import to_yaml
-from pretrain.config.schema import Config, ModelConfig
+from pretrain.config.schema import Config, ModelConfig, padded_vocab_size
 from pretrain.errors import CheckpointError
 from pretrain.hf.mapping import Shape, from_hf
 from pretrain.hf.outdir import staging_dir
 from pretrain.hf.source import TokenizerRecord
-from pretrain.model.transformer import padded_vocab_size
 
 MASK_TOKEN = "<mask>"
 

@@ -23,9 +23,8 @@ from pretrain.checkpoint.format import (
 )
 from pretrain.checkpoint.manager import load_trainer_state, verify_checkpoint
 from pretrain.config.loader import from_dict
-from pretrain.config.schema import Config
+from pretrain.config.schema import Config, padded_vocab_size
 from pretrain.errors import CheckpointError, DataError
-from pretrain.model.transformer import padded_vocab_size
 
 TOKENIZER_RECORD = "tokenizer_record.json"
 """Written next to an imported checkpoint's tokenizer.json: its special tokens (no manifest)."""

@@ -47,7 +47,7 @@ def run_probe_command(args: argparse.Namespace) -> int:
             )
         )
     frequent = frequent_token_ids(val or prompts, args.frequent, (tok.mask_id,))
-    probe = ModelProbe(
+    probe = ModelProbe.for_module(
         loaded.module,
         mask_id=tok.mask_id,
         eos_id=tok.eos_id,

@@ -42,7 +42,7 @@ def load_model(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     from pretrain.checkpoint.format import load_weights
     from pretrain.checkpoint.manager import open_checkpoint
     from pretrain.config import load_config
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
     from pretrain.parallel.runtime import init_runtime
 
     ckpt = resolve_checkpoint(path)

@@ -6,13 +6,11 @@ import torch
 
 from pretrain.diffusion.auxiliary.base import (
     AuxiliaryLoss,
-    register_auxiliary,
     sample_categorical,
     uniforms,
 )
 
 
-@register_auxiliary
 class EnergyNCE(AuxiliaryLoss):
     """A scalar energy E_theta(x) on the shared trunk (`pretrain.model.energy`), trained to tell
     data from parallel samples:
@@ -36,12 +34,13 @@ class EnergyNCE(AuxiliaryLoss):
         with torch.no_grad():
             probs = torch.softmax(view.logits(batch.inputs), dim=-1)
             drawn = sample_categorical(probs, uniforms(key, "aux-nce-draw", (b, s), probs.device))
-            noise = torch.where(batch.masked, drawn.to(batch.inputs.dtype), batch.inputs)
-        energy = view.energy(torch.cat([batch.targets, noise]), row=self.mask_id)  # [2b]
+            noise = torch.where(batch.corrupted, drawn.to(batch.inputs.dtype), batch.inputs)
+        clean = batch.clean_inputs
+        energy = view.energy(torch.cat([clean, noise]), row=self.mask_id)  # [2b]
         data, fake = energy[:b], energy[b:]
         loss = (torch.nn.functional.softplus(data) + torch.nn.functional.softplus(-fake)).mean()
         # a draw identical to x0 (few masks, lucky draws) is neither data nor noise: not scored
-        differs = (noise != batch.targets).any(dim=1)
+        differs = (noise != clean).any(dim=1)
         correct = ((data < 0) & differs).sum() + ((fake > 0) & differs).sum()
         return loss, {
             "loss": loss.detach(),

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config.schema import AuxiliaryLossConfig, DiffusionConfig, ModelConfig
-from pretrain.diffusion.auxiliary.base import AUXILIARIES, AuxiliarySet, ModelView
+from pretrain.diffusion.auxiliary.base import AuxiliarySet, ModelView
+from pretrain.diffusion.auxiliary.registry import AUXILIARIES
 from pretrain.diffusion.corruption import CorruptionKey
 from pretrain.diffusion.objective import build_objective
 
@@ -83,7 +84,7 @@ def train_tiny(
 ) -> TinyRun:
     """Train a small DLM on `task` with the masked-diffusion NELBO plus `losses` (needs the
     Megatron process groups of one process: `pretrain.parallel.runtime.init_runtime`)."""
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     model_cfg = model_cfg or ModelConfig(
         hidden_size=64,

@@ -7,47 +7,64 @@ For each k in `auxiliary.eval_tokens_per_step`, `auxiliary.eval_samples` sequenc
   jc/agreement_error_tps{k}   fraction of the parsed sentences that break subject-verb (or
                               determiner-noun) agreement (`data_pipeline.grammar`); meaningful on
                               the demo grammar, where `jc/parsed_sentences_tps{k}` is non-zero
+                              (NaN when no sentence parsed: an error rate of nothing)
   jc/sample_nelbo_tps{k}      the model's own validation NELBO (per token slot, fixed t-grid and
                               masks) of its samples: on any text, a model that decodes k tokens
                               per step consistently scores its k-step samples as well as its
                               1-step ones; `jc/sample_nelbo_gap_tps{k}` is the difference to the
                               smallest k (the most sequential decoding evaluated)
 
-Every rank samples the same sequences (one seeded generator, logits gathered over TP), so the
-metric needs no communication beyond the model's own and the NELBO's all-reduce.
+Every rank samples the same sequences (one seeded generator, logits gathered over TP, forwards
+through `Engine.infer` in every layout), so the metric needs no communication beyond the
+model's own and the NELBO's all-reduce.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from pretrain.diffusion.auxiliary.base import ModelView
 from pretrain.diffusion.corruption import CorruptionKey, derived_generator
+from pretrain.parallel.engine import host_metrics
+
+
+def engine_logits(run):
+    """x [b, s] -> aligned fp32 logits [b, s, V] of `run`'s model, every rank, any layout."""
+    from pretrain.diffusion.auxiliary.base import read_logits
+    from pretrain.model.inputs import ModelInputs
+    from pretrain.model.masks import AttentionMask
+
+    objective, vocab = run.recipe.objective, run.data.vocab_size
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(run.rt.device)
+        mask = objective.generation_mask(x.shape[1], x.device)
+        inputs = ModelInputs(x, None, None if mask is None else AttentionMask(pattern=mask))
+        raw = run.engine.infer(inputs, read_logits, (*x.shape, vocab))
+        return objective.align_logits(raw)
+
+    return logits
 
 
 @torch.no_grad()
-def joint_consistency(engine, objective, data, cfg, rt) -> dict[str, float]:
+def joint_consistency(run) -> dict[str, float]:
     from data_pipeline.grammar import agreement_error_rate
     from data_pipeline.tokenizer import load_tokenizer
-    from pretrain.parallel.engine import host_metrics
     from pretrain.sampling.sampler import generate
 
-    data_dir = Path(cfg.data.sources[0].path if cfg.data.sources else cfg.data.path)
-    tokenizer = load_tokenizer(data_dir / data.manifest.tokenizer.file)
-    mask_id = data.manifest.tokenizer.mask_id
-    engine.ds.eval()
-    view = ModelView(engine.ds, data.vocab_size)
+    cfg, data, rt = run.cfg, run.data, run.rt
+    tokenizer = load_tokenizer(data.data_dir / data.manifest.tokenizer.file)
+    logits = engine_logits(run)
     n = cfg.auxiliary.eval_samples
+    block = run.recipe.objective.decode_defaults(cfg.data.seq_len).get("block_length")
     out: dict[str, float] = {}
     for k in sorted(cfg.auxiliary.eval_tokens_per_step):
         samples = generate(
-            view.logits,
+            logits,
             torch.zeros(n, 0, dtype=torch.long, device=rt.device),
             gen_length=cfg.data.seq_len,
             tokens_per_step=k,
-            mask_id=mask_id,
+            block_length=block,
+            mask_id=data.mask_id,
             temperature=1.0,
             # on the model's device (the sampler draws there); same seed on every rank
             generator=torch.Generator(device=rt.device).manual_seed(
@@ -57,11 +74,13 @@ def joint_consistency(engine, objective, data, cfg, rt) -> dict[str, float]:
         texts = [tokenizer.decode(row.tolist()) for row in samples.cpu()]
         error, parsed = agreement_error_rate(texts)
         key = CorruptionKey(cfg.train.seed, 0, 0, rt.dp_rank, 1, rt.dp)
-        batch = objective.prepare_eval(samples, key)
-        nelbo = host_metrics(engine.global_metrics(engine.eval_step(batch)))
-        out[f"jc/agreement_error_tps{k}"] = error
+        docs = data.document_ids(samples.cpu()) if cfg.data.document_mask else None
+        batch = run.recipe.prepare_eval(samples.cpu(), key, rt.device, document_ids=docs)
+        local = run.engine.eval_step(batch, run.recipe.loss)
+        nelbo = host_metrics(run.engine.global_metrics(local, run.recipe.eval_metric_names))
+        out[f"jc/agreement_error_tps{k}"] = error if parsed else float("nan")
         out[f"jc/parsed_sentences_tps{k}"] = float(parsed)
-        out[f"jc/sample_nelbo_tps{k}"] = nelbo["nelbo_per_token_slot"]
+        out[f"jc/sample_nelbo_tps{k}"] = nelbo[run.recipe.bound_name]
     base = min(cfg.auxiliary.eval_tokens_per_step)
     for k in cfg.auxiliary.eval_tokens_per_step:
         out[f"jc/sample_nelbo_gap_tps{k}"] = (

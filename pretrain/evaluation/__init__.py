@@ -1,0 +1,1 @@
+"""Evaluation: validation NELBO and the joint-consistency metric during training."""
