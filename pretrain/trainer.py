@@ -19,6 +19,7 @@ from pretrain.checkpoint.manager import (
     restore_optimizer,
     weight_loader,
 )
+from pretrain.checkpoint.runlock import acquire_run_lock
 from pretrain.config import Config, flatten, to_yaml
 from pretrain.diffusion.auxiliary.metric import joint_consistency
 from pretrain.diffusion.corruption import CorruptionKey, to_device
@@ -52,12 +53,22 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     data = TrainData(cfg, rt)
     mask_id = data.manifest.tokenizer.mask_id
     objective = build_objective(cfg.diffusion, mask_id=mask_id, seq_len=cfg.data.seq_len)
+    lock = acquire_run_lock(run_dir, rt.rank)  # one trainer per run: else raises naming it
     ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_last, rank=rt.rank)
-    resume_from = ckpts.latest() if cfg.train.resume == "auto" else None
-    reader = open_checkpoint(resume_from, num_layers=cfg.model.num_layers) if resume_from else None
+    verify = cfg.train.verify_checkpoints
+    resume_from, note = (
+        ckpts.resume_point(verify=verify) if cfg.train.resume == "auto" else (None, None)
+    )
+    reader = (
+        open_checkpoint(resume_from, num_layers=cfg.model.num_layers, verify=False)
+        if resume_from
+        else None
+    )
     init_from = cfg.train.init_from if not reader else None  # weights only, e.g. AR -> DLM
     weights = reader or (
-        open_checkpoint(Path(init_from), num_layers=cfg.model.num_layers) if init_from else None
+        open_checkpoint(Path(init_from), num_layers=cfg.model.num_layers, verify=verify)
+        if init_from
+        else None
     )
     engine = build_engine(
         cfg,
@@ -81,6 +92,9 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
         run_name=cfg.run.name,
         output_dir=cfg.run.output_dir,
         run_id=state.get("tracking_run_id"),
+        startup_timeout_s=cfg.tracking.startup_timeout_s,
+        timeout_s=cfg.tracking.timeout_s,
+        on_error=cfg.tracking.on_error,
     )
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +112,8 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
         + (f"resumed at step {start} from {resume_from}" if reader else "fresh start")
     )
 
+    if note:  # the latest checkpoint failed verification, or had no hashes
+        say(note)
     if note := document_mask_note(cfg, rt):
         say(note)
     result = TrainResult(run_dir=run_dir, tracking_uri=tracker.uri, run_id=tracker.run_id)
@@ -155,6 +171,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     finally:
         guard.uninstall()
         tracker.finish(status)
+        lock.release()
     last = result.preempted_at or end
     say(f"[dlm] {'stopped' if result.preempted_at else 'done'} at step {last}: run dir {run_dir}")
     if tracker.run_id:
