@@ -23,6 +23,7 @@ from pretrain.checkpoint.manager import (
     restore_optimizer,
     weight_loader,
 )
+from pretrain.checkpoint.runlock import acquire_run_lock
 from pretrain.config import Config
 from pretrain.diffusion.corruption import CorruptionKey
 from pretrain.diffusion.recipe import Recipe, StepBatch, build_recipe
@@ -134,6 +135,15 @@ class Run:
     resumed_from: Path | None = None
     trainer_state: dict | None = None
     """The resumed checkpoint's trainer state (tracking run id, ...), else None."""
+    resume_note: str | None = None
+    """One line when the resume fell back past `latest` or verified by size only."""
+    lock: object | None = None
+    """The run's exclusive lock (`pretrain.checkpoint.runlock`); `close()` releases it."""
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def step_batches(self, step: int) -> list[StepBatch]:
         """The micro-batches of optimizer step `step` (0-based) on this rank.
@@ -170,13 +180,17 @@ def build_run(cfg: Config, *, resume: bool | None = None) -> Run:
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     data = TrainData(cfg, rt)
     recipe = build_recipe(cfg, mask_id=data.mask_id, vocab_size=data.vocab_size)
+    lock = acquire_run_lock(run_dir, rt.rank)  # one trainer per run, else one line naming it
     ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_last, rank=rt.rank)
     resume = cfg.train.resume == "auto" if resume is None else resume
-    resume_from = ckpts.latest() if resume else None
-    reader = open_checkpoint(resume_from, num_layers=cfg.model.num_layers) if resume_from else None
+    verify = cfg.train.verify_checkpoints
+    resume_from, note = ckpts.resume_point(verify=verify) if resume else (None, None)
+    layers = cfg.model.num_layers
+    # the resume point was verified just now; `init_from` is verified when opened
+    reader = open_checkpoint(resume_from, num_layers=layers, verify=False) if resume_from else None
     init_from = cfg.train.init_from if not reader else None  # weights only, e.g. AR -> DLM
     weights = reader or (
-        open_checkpoint(Path(init_from), num_layers=cfg.model.num_layers) if init_from else None
+        open_checkpoint(Path(init_from), num_layers=layers, verify=verify) if init_from else None
     )
     engine = build_engine(
         cfg,
@@ -185,7 +199,7 @@ def build_run(cfg: Config, *, resume: bool | None = None) -> Run:
         mask_token_id=data.mask_id,
         load_weights=weight_loader(weights, tp_rank=rt.tp_rank, tp_size=rt.tp) if weights else None,
     )
-    run = Run(cfg, rt, data, recipe, engine, ckpts, run_dir)
+    run = Run(cfg, rt, data, recipe, engine, ckpts, run_dir, resume_note=note, lock=lock)
     if reader:  # any layout can resume any checkpoint: tensors are re-sliced as needed
         restore_optimizer(engine, reader, tp_rank=rt.tp_rank, tp_size=rt.tp)
         run.start, run.resumed_from = reader.common["step"], resume_from

@@ -50,6 +50,9 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
         run_name=cfg.run.name,
         output_dir=cfg.run.output_dir,
         run_id=state.get("tracking_run_id"),
+        startup_timeout_s=cfg.tracking.startup_timeout_s,
+        timeout_s=cfg.tracking.timeout_s,
+        on_error=cfg.tracking.on_error,
     )
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +73,8 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
             else "fresh start"
         )
     )
+    if run.resume_note:  # the latest checkpoint failed verification, or had no hashes
+        say(run.resume_note)
     if note := document_mask_note(cfg, rt):
         say(note)
     result = TrainResult(run_dir=run_dir, tracking_uri=tracker.uri, run_id=tracker.run_id)
@@ -139,6 +144,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     finally:
         guard.uninstall()
         tracker.finish(status)
+        run.close()
     last = result.preempted_at or end
     say(f"[dlm] {'stopped' if result.preempted_at else 'done'} at step {last}: run dir {run_dir}")
     if tracker.run_id:

@@ -28,6 +28,19 @@ class RunConfig:
     output_dir: str = "runs"
     """Root of all run directories; the default MLflow store (`mlflow.db`) lives here too."""
 
+    def validate(self) -> None:
+        name = self.name
+        if (
+            not name
+            or name in (".", "..")
+            or len(name) > 255
+            or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)
+        ):
+            raise ConfigError(
+                f"run.name is {name[:80]!r}; expected one plain directory name (no '/', not "
+                "'.' or '..', not empty, no control characters)"
+            )
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -88,7 +101,15 @@ class ModelConfig:
             )
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise ConfigError("model.hidden_size / model.num_attention_heads must be even for RoPE")
-        for key in ("hidden_size", "num_layers", "ffn_hidden_size", "make_vocab_size_divisible_by"):
+        for key in (
+            "hidden_size",
+            "num_layers",
+            "ffn_hidden_size",
+            "make_vocab_size_divisible_by",
+            "rope_base",
+            "norm_eps",
+            "init_std",
+        ):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
 
@@ -130,6 +151,10 @@ class DiffusionConfig:
             )
         if self.block_length <= 0 or self.anneal_steps < 0:
             raise ConfigError("diffusion.block_length must be > 0 and diffusion.anneal_steps >= 0")
+        if self.distance_strength < 0:
+            raise ConfigError(
+                f"diffusion.distance_strength must be >= 0, got {self.distance_strength}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -223,6 +248,10 @@ class TrainConfig:
     standard deviations is a loss spike: counted (`train/loss_spikes`) and reported."""
     spike_window: int = 100
     """Steps of loss history the spike detector compares against."""
+    verify_checkpoints: bool = True
+    """Check every file of a checkpoint against the content hashes in its COMPLETE.json before
+    resuming or initialising from it; a resume falls back to the newest checkpoint that
+    verifies (docs/reliability.md). False checks the file set and sizes only."""
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "keep_last"):
@@ -265,6 +294,14 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"optim.adam_eps must be positive, got {self.adam_eps}")
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
 
 
 @dataclass(kw_only=True)
@@ -298,6 +335,19 @@ class TrackingConfig:
     """Tracking URI; null uses $MLFLOW_TRACKING_URI, else `sqlite:///<output_dir>/mlflow.db`."""
     experiment: str = "dlm-pretrain"
     """MLflow experiment name."""
+    startup_timeout_s: float = 60.0
+    """Longest wait for MLflow to open the run (connect, create or reopen it); beyond it
+    `tracking.on_error` applies."""
+    timeout_s: float = 15.0
+    """Longest wait for each MLflow logging call; beyond it `tracking.on_error` applies."""
+    on_error: Literal["fail", "warn"] = "warn"
+    """An MLflow failure or time-out: `warn` says so in one line and trains on, logging the
+    metrics to `<run dir>/metrics.jsonl` instead; `fail` stops the run with the error."""
+
+    def validate(self) -> None:
+        for key in ("startup_timeout_s", "timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"tracking.{key} must be positive, got {getattr(self, key)}")
 
 
 @dataclass(kw_only=True)
@@ -442,6 +492,8 @@ class Config:
 
     def validate(self) -> None:
         for section in (self.model, self.diffusion, self.train, self.optim, self.parallel):
+            section.validate()
+        for section in (self.run, self.data, self.tracking):
             section.validate()
         self.launch.validate()
         self.auxiliary.validate()

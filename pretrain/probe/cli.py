@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint.marker import add_no_verify_argument
+
 
 def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory or run directory (its latest)")
@@ -21,6 +23,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--val-batches", type=int, default=4, help="validation batches for the bucketed CE"
     )
+    add_no_verify_argument(parser)
 
 
 def run_probe_command(args: argparse.Namespace) -> int:
@@ -30,7 +33,9 @@ def run_probe_command(args: argparse.Namespace) -> int:
     from pretrain.probe.probe import frequent_token_ids
 
     loaded = load_model(
-        args.checkpoint, ["train.device=cpu"] if not torch.cuda.is_available() else []
+        args.checkpoint,
+        ["train.device=cpu"] if not torch.cuda.is_available() else [],
+        verify=not args.no_verify,
     )
     tok = loaded.manifest.tokenizer
     prompts = read_prompts(args.prompts, loaded.tokenizer, field=args.field)
@@ -75,6 +80,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="confidence | schedule | left_to_right (default: what the objective trained)",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    add_no_verify_argument(parser)
 
 
 def run_generate_command(args: argparse.Namespace) -> int:
@@ -83,7 +89,9 @@ def run_generate_command(args: argparse.Namespace) -> int:
     from pretrain.sampling.sampler import generate
 
     loaded = load_model(
-        args.checkpoint, ["train.device=cpu"] if not torch.cuda.is_available() else []
+        args.checkpoint,
+        ["train.device=cpu"] if not torch.cuda.is_available() else [],
+        verify=not args.no_verify,
     )
     tok = loaded.manifest.tokenizer
     options = decode_defaults(loaded.cfg.diffusion, loaded.cfg.data.seq_len)
