@@ -16,6 +16,8 @@
 #   DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8
 #   pip download --no-deps --python-version 3.12 --only-binary :all: megatron-core==0.16.1 \
 #       pydantic pydantic-core annotated-types typing-inspection hjson webdataset braceexpand
+#   pip download --no-deps --python-version 3.12 --only-binary :all: torchao==0.18.0
+#       (model.fp8 / the ours+fp8 modes; one cp310-abi3 manylinux wheel, pure Python for float8)
 #   flash-attn sdist (optional): the .tar.gz from PyPI into WHEELS/src/
 set -euo pipefail
 WHEELS=${WHEELS:-.whl}
@@ -28,6 +30,9 @@ case "${1:-}" in
 setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl
     python3 -c "import deepspeed, megatron.core, webdataset, torch; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))"
+    if ls "$WHEELS"/torchao-*.whl >/dev/null 2>&1; then
+        python3 -c "import torch, torchao.float8; print('torchao', torchao.__version__, 'FP8 tensor cores:', torch.cuda.get_device_capability(0) >= (8, 9))"
+    fi
     ;;
 flash-build)
     log=$(realpath -m "$2")

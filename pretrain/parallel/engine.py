@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from pretrain.config import Config
 from pretrain.diffusion.objective import DiffusionBatch
+from pretrain.model.fp8 import apply_fp8
 from pretrain.model.sharding import initialize, mark_tensor_parallel
 from pretrain.model.transformer import (
     DLMTransformer,
@@ -364,6 +365,7 @@ def build_engine(
             tp_size=rt.tp,
         )
     module.to(rt.device)
+    apply_fp8(module, cfg.model, device=rt.device)  # model.fp8: FP8 matmuls, same parameters
     if cfg.model.compile:
         compile_model(module, cfg)
     optimizer = build_optimizer(module, cfg, rt)
