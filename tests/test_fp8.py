@@ -167,11 +167,16 @@ def test_compile_flag_compiles_only_the_linears_outside_the_layers(runtime):
 # -- errors -----------------------------------------------------------------------------------
 
 
-def test_refused_on_cpu_unless_emulated(runtime, monkeypatch):
+def test_refused_on_cpu_unless_emulated(runtime, demo_data, tmp_path, monkeypatch):
+    """The trainer stops before writing anything; DLM_FP8_EMULATE=1 lets the same call run."""
     monkeypatch.delenv(fp8.EMULATE_ENV, raising=False)
+    overrides = tiny_overrides(demo_data, tmp_path, "cpu", **{"model.fp8": "tensorwise"})
+    with pytest.raises(ConfigError, match="model.fp8 'tensorwise' needs a GPU with FP8 tensor"):
+        train(load_config(TINY, overrides))
+    assert not (tmp_path / "cpu").exists()
     cfg = model_cfg("tensorwise")
     module = build(cfg, vocab=VOCAB, mask=MASK, seed=SEED, sequence_parallel=False)
-    with pytest.raises(ConfigError, match="model.fp8 'tensorwise' needs a GPU with FP8 tensor"):
+    with pytest.raises(ConfigError, match="this run is on cpu"):
         apply_fp8(module, cfg, device=CPU)
     monkeypatch.setenv(fp8.EMULATE_ENV, "1")
     assert apply_fp8(module, cfg, device=CPU)
