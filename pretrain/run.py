@@ -177,6 +177,11 @@ def build_run(cfg: Config, *, resume: bool | None = None) -> Run:
     """Everything a training run needs, for this process's place in the layout. `resume`
     (default: `train.resume == 'auto'`) continues from the run's latest checkpoint."""
     rt = init_runtime(cfg)
+    if cfg.model.fp8:  # before anything is written: FP8 needs the tensor cores (or emulation)
+        from pretrain.model.fp8 import check_fp8_hardware, emulation_requested
+
+        if not emulation_requested():
+            check_fp8_hardware(cfg.model.fp8, rt.device)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     data = TrainData(cfg, rt)
     recipe = build_recipe(cfg, mask_id=data.mask_id, vocab_size=data.vocab_size)

@@ -86,6 +86,12 @@ class ModelConfig:
     )
     """Priority order of PyTorch's fused attention kernels for the `sdpa` backend on GPU
     (`cudnn`, `flash`, `efficient`, `math`); the first one that supports the inputs runs."""
+    fp8: Literal["tensorwise", "rowwise"] | Literal[False] = False
+    """FP8 matmuls (torchao float8 training, dynamic scaling) in every linear: `off` (YAML false,
+    the default), `tensorwise` (one scale per tensor) or `rowwise` (per row/column). Weights and
+    master weights keep their precision, so checkpoints are the same. Needs torchao
+    (`pip install '.[fp8]'`) and a GPU with FP8 tensor cores (CUDA capability >= 8.9);
+    docs/performance.md."""
 
     def validate(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -490,6 +496,25 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Diagnostics: the information-decay probe and distance-bucketed validation CE."""
 
+    def _check_fp8_widths(self, tp: int) -> None:
+        """FP8 GEMMs need each linear's input and output widths per TP rank in multiples of 16."""
+        m = self.model
+        head_dim = m.hidden_size // m.num_attention_heads
+        groups = m.num_query_groups or m.num_attention_heads
+        widths = {
+            "model.hidden_size": m.hidden_size,
+            "model.ffn_hidden_size": m.ffn_hidden_size,
+            "the fused QKV width head_dim * (heads + 2 * query groups)": head_dim
+            * (m.num_attention_heads + 2 * groups),
+            "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+        }
+        for what, width in widths.items():
+            if width % (16 * tp):
+                raise ConfigError(
+                    f"model.fp8 '{m.fp8}' needs {what} ({width}) divisible by 16 x "
+                    f"parallel.tensor_parallel ({tp}): FP8 GEMMs take widths in multiples of 16"
+                )
+
     def validate(self) -> None:
         for section in (self.model, self.diffusion, self.train, self.optim, self.parallel):
             section.validate()
@@ -516,6 +541,8 @@ class Config:
                 f"{self.parallel.zero_stage}); ZeRO-2/3 run with 'deepspeed' (or 'auto')"
             )
         tp = self.parallel.tensor_parallel
+        if self.model.fp8:
+            self._check_fp8_widths(tp)
         if self.model.num_attention_heads % tp:
             raise ConfigError(
                 f"model.num_attention_heads ({self.model.num_attention_heads}) must be divisible "

@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from pretrain.config import Config
 from pretrain.config.schema import padded_vocab_size
+from pretrain.model.fp8 import apply_fp8
 from pretrain.model.sharding import initialize, mark_tensor_parallel
 from pretrain.model.transformer import DLMTransformer, OutputHead, megatron_config
 from pretrain.parallel.engine import DataParallelEngine, Engine
@@ -215,6 +216,7 @@ def build_engine(
             tp_size=rt.tp,
         )
     module.to(rt.device)
+    apply_fp8(module, cfg.model, device=rt.device)  # model.fp8: FP8 matmuls, same parameters
     if cfg.model.compile:
         compile_model(module, cfg)
     optimizer = build_optimizer(module, cfg, rt)
