@@ -39,28 +39,16 @@ def case_loss(module, tokens, positions, sparse: bool) -> torch.Tensor:
 
 
 def build(model_cfg, *, vocab: int, mask: int, seed: int, sequence_parallel: bool):
-    """The model for the current TP layout, as `build_model`, optionally sequence-parallel."""
-    from megatron.core import parallel_state
+    """The model for the current TP layout (`build_model`), optionally sequence-parallel."""
+    from pretrain.model.parallelize import build_model
 
-    from pretrain.model.sharding import initialize, mark_tensor_parallel
-    from pretrain.model.transformer import DLMTransformer, megatron_config
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    config = megatron_config(
-        model_cfg, tensor_parallel_size=tp, sequence_parallel=sequence_parallel
-    )
-    net = DLMTransformer(model_cfg, config, vocab_size=vocab, excluded_token_ids=(mask,))
-    mark_tensor_parallel(net.named_parameters())
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    initialize(
-        net.named_parameters(),
+    return build_model(
+        model_cfg,
+        vocab_size=vocab,
+        mask_token_id=mask,
         seed=seed,
-        std=model_cfg.init_std,
-        num_layers=model_cfg.num_layers,
-        tp_rank=rank,
-        tp_size=tp,
+        sequence_parallel=sequence_parallel,
     )
-    return net
 
 
 def full_gradients(module) -> dict[str, torch.Tensor]:

@@ -49,17 +49,19 @@ def test_bench_fp8_mode_reports_the_share_of_flops_in_fp8(runtime, bench, demo_d
     """`ours+fp8`: FP8 share = 6 x (every converted linear's weights, the head's at the masked
     fraction) / FLOPs per token; MFU on the bf16 peak like every other mode."""
     monkeypatch.setenv(EMULATE_ENV, "1")
+    import pretrain.run
+
     built = {}
-    real_build = bench.build_step
+    real_build = pretrain.run.build_run
 
-    def build_step(cfg):  # keep the engine to count its FP8 linears
-        built["step"] = real_build(cfg)
-        return built["step"]
+    def build_run(cfg, **kwargs):  # keep the engine to count its FP8 linears
+        built["run"] = real_build(cfg, **kwargs)
+        return built["run"]
 
-    monkeypatch.setattr(bench, "build_step", build_step)
+    monkeypatch.setattr(pretrain.run, "build_run", build_run)
     a = bench_args(demo_data)
     result = bench.RUNNERS["ours+fp8"](a)
-    module = built["step"][3].ds.module
+    module = built["run"].engine.ds.module
     fp8 = [m for m in module.modules() if isinstance(m, Fp8LinearMixin)]
     head = module.head.output_layer
     layers = sum(m.weight.numel() for m in fp8 if m is not head)

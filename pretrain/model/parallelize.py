@@ -31,6 +31,7 @@ def build_model(
     mask_token_id: int,
     params_dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    sequence_parallel: bool = False,
 ) -> DLMTransformer:
     """Build the (non-pipelined) model for the current process groups, initialised from `seed`.
 
@@ -39,7 +40,11 @@ def build_model(
     tp_rank, tp, group = tensor_parallel_place()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     config = megatron_config(
-        model, params_dtype=params_dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp
+        model,
+        params_dtype=params_dtype,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        sequence_parallel=sequence_parallel,
     )
     net = DLMTransformer(
         model,

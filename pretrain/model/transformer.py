@@ -144,6 +144,8 @@ class OutputHead(torch.nn.Module):
         )
         # This rank's slice of the vocab: [start, start + padded_vocab / tp)
         tp_size = config.tensor_model_parallel_size
+        if tp_size > 1 and tp_group is None:
+            raise ValueError("OutputHead: under tensor parallelism pass tp_rank and tp_group")
         start = tp_rank * (padded_vocab // tp_size)
         self.tp_size, self.tp_rank, self.tp_group = tp_size, tp_rank, tp_group
         self.vocab_size = vocab_size
