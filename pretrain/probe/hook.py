@@ -14,16 +14,26 @@ from pretrain.probe.buckets import distance_bucketed_ce
 from pretrain.probe.probe import frequent_token_ids, run_probe, write_probe
 
 
-def read_prompts(path: str | Path, tokenizer, *, field: str = "text") -> list[torch.Tensor]:
-    """A jsonl file with one prompt per line under `field` -> token ids (1-D long tensors)."""
+def read_prompts(
+    path: str | Path, tokenizer, *, field: str = "text", field_option: str = "--field"
+) -> list[torch.Tensor]:
+    """A jsonl file with one prompt per line under `field` -> token ids (1-D long tensors).
+    `field_option` names the setting that chose the field, for the error message."""
     prompts = []
     for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            text = json.loads(line)[field]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}:{n}: expected a JSON object with a string '{field}'") from None
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{n}: expected a JSON object per line") from None
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            raise DataError(
+                f"{path}:{n}: expected a JSON object with a string '{field}' (the prompt field, "
+                f"set by {field_option}); found: {keys}"
+            )
         ids = tokenizer.encode(text).ids
         if not ids:
             raise DataError(f"{path}:{n}: prompt '{text[:40]}' encodes to no tokens")
@@ -53,6 +63,8 @@ class ModelProbe:
         val,
         num_masks,
         gather_logits: bool = False,
+        decode=None,
+        title: str = "",
     ):
         self.module = module
         self.mask_id, self.eos_id = mask_id, eos_id
@@ -60,6 +72,12 @@ class ModelProbe:
         self.num_masks = num_masks
         self.gather_logits = gather_logits
         """Tensor-parallel module: join the ranks' vocabulary slices of the logits."""
+        self.decode = decode
+        """token id -> text, for the tokens in the JSON (None: ids only)."""
+        self.title = title
+        """The plot's title (default: the probe's name and size)."""
+        self.last: tuple | None = None
+        """(ProbeResult, bucketed CE) of the last run, for overlays of several models."""
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         device = next(self.module.parameters()).device
@@ -87,21 +105,20 @@ class ModelProbe:
                 eos_id=self.eos_id,
                 frequent_ids=self.frequent_ids,
                 num_masks=self.num_masks,
+                decode=self.decode,
             )
             buckets = (
                 distance_bucketed_ce(self._ce, self.val, mask_id=self.mask_id) if self.val else {}
             )
         finally:
             self.module.train(was_training)
+        self.last = (result, buckets)
         metrics = dict(result.summary())
         for label, row in buckets.items():
             metrics[f"val/ce_dist_{label}"] = row["ce"]
         if not write:
             return metrics, None, None
-        json_path, png = write_probe(result, out_dir, name=name)
-        data = json.loads(json_path.read_text())
-        data["distance_bucketed_ce"] = buckets
-        json_path.write_text(json.dumps(data))
+        json_path, png = write_probe(result, out_dir, name=name, title=self.title, buckets=buckets)
         return metrics, json_path, png
 
 
@@ -124,11 +141,16 @@ class TrainingProbe:
             return cls(None, 0, Path(), rt.is_main)
         val = data.global_val()  # the same prompts and data for every layout
         tok = data.manifest.tokenizer
-        if cfg.eval.probe_prompts:
-            from data_pipeline.tokenizer import load_tokenizer
+        from data_pipeline.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(Path(cfg.data.path) / tok.file)
-            prompts = read_prompts(cfg.eval.probe_prompts, tokenizer)
+        tokenizer = load_tokenizer(Path(cfg.data.path) / tok.file)
+        if cfg.eval.probe_prompts:
+            prompts = read_prompts(
+                cfg.eval.probe_prompts,
+                tokenizer,
+                field=cfg.eval.probe_field,
+                field_option="eval.probe_field",
+            )
         else:
             prompts = val_prompts(val, cfg.eval.probe_prompt_count, cfg.eval.probe_prompt_tokens)
         if not prompts:
@@ -143,6 +165,8 @@ class TrainingProbe:
             val=val,
             num_masks=cfg.eval.probe_masks,
             gather_logits=rt.tp > 1,
+            decode=lambda i: tokenizer.decode([i]),
+            title=f"{cfg.run.name}: probe",
         )
         return cls(probe, interval, Path(cfg.run.output_dir) / cfg.run.name / "probe", rt.is_main)
 

@@ -6,12 +6,18 @@ For each k in `auxiliary.eval_tokens_per_step`, `auxiliary.eval_samples` sequenc
 
   jc/agreement_error_tps{k}   fraction of the parsed sentences that break subject-verb (or
                               determiner-noun) agreement (`data_pipeline.grammar`); meaningful on
-                              the demo grammar, where `jc/parsed_sentences_tps{k}` is non-zero
+                              the demo grammar. NaN when no sentence parsed: an error rate of
+                              nothing, never a perfect 0 (MLflow stores and plots NaN as a gap)
+  jc/parsed_sentences_tps{k}  how many sentences parsed (what the error rate is a fraction of)
+  jc/parsed_samples_tps{k}    how many of the `eval_samples` sampled sequences hold at least one
+                              parsed sentence
   jc/sample_nelbo_tps{k}      the model's own validation NELBO (per token slot, fixed t-grid and
-                              masks) of its samples: on any text, a model that decodes k tokens
-                              per step consistently scores its k-step samples as well as its
-                              1-step ones; `jc/sample_nelbo_gap_tps{k}` is the difference to the
-                              smallest k (the most sequential decoding evaluated)
+                              masks) of its samples (`jc/sample_surrogate_loss_tps{k}` under a
+                              surrogate schedule, which has no NELBO: pretrain.diffusion.labels).
+                              On any text, a model that decodes k tokens per step consistently
+                              scores its k-step samples as well as its 1-step ones;
+                              `jc/sample_nelbo_gap_tps{k}` is the difference to the smallest k
+                              (the most sequential decoding evaluated)
 
 Every rank samples the same sequences (one seeded generator, logits gathered over TP), so the
 metric needs no communication beyond the model's own and the NELBO's all-reduce.
@@ -25,6 +31,7 @@ import torch
 
 from pretrain.diffusion.auxiliary.base import ModelView
 from pretrain.diffusion.corruption import CorruptionKey, derived_generator
+from pretrain.diffusion.labels import bound_name, per_token_slot_name
 
 
 @torch.no_grad()
@@ -40,6 +47,7 @@ def joint_consistency(engine, objective, data, cfg, rt) -> dict[str, float]:
     engine.ds.eval()
     view = ModelView(engine.ds, data.vocab_size)
     n = cfg.auxiliary.eval_samples
+    bound = bound_name(getattr(objective, "schedule", None))  # nelbo, or surrogate_loss
     out: dict[str, float] = {}
     for k in sorted(cfg.auxiliary.eval_tokens_per_step):
         samples = generate(
@@ -55,16 +63,21 @@ def joint_consistency(engine, objective, data, cfg, rt) -> dict[str, float]:
             ),
         )
         texts = [tokenizer.decode(row.tolist()) for row in samples.cpu()]
-        error, parsed = agreement_error_rate(texts)
+        error, parsed = agreement_error_rate(texts)  # NaN when nothing parsed
+        parsed_samples = sum(agreement_error_rate(text)[1] > 0 for text in texts)
         key = CorruptionKey(cfg.train.seed, 0, 0, rt.dp_rank, 1, rt.dp)
         batch = objective.prepare_eval(samples, key)
-        nelbo = host_metrics(engine.global_metrics(engine.eval_step(batch)))
+        values = host_metrics(engine.global_metrics(engine.eval_step(batch)))
         out[f"jc/agreement_error_tps{k}"] = error
         out[f"jc/parsed_sentences_tps{k}"] = float(parsed)
-        out[f"jc/sample_nelbo_tps{k}"] = nelbo["nelbo_per_token_slot"]
+        out[f"jc/parsed_samples_tps{k}"] = float(parsed_samples)
+        # the objective reports its per-slot sum under the schedule's name; objectives that
+        # predate the naming rule call it nelbo_per_token_slot whatever the schedule
+        slot = per_token_slot_name(getattr(objective, "schedule", None))
+        out[f"jc/sample_{bound}_tps{k}"] = values.get(slot, values.get("nelbo_per_token_slot"))
     base = min(cfg.auxiliary.eval_tokens_per_step)
     for k in cfg.auxiliary.eval_tokens_per_step:
-        out[f"jc/sample_nelbo_gap_tps{k}"] = (
-            out[f"jc/sample_nelbo_tps{k}"] - out[f"jc/sample_nelbo_tps{base}"]
+        out[f"jc/sample_{bound}_gap_tps{k}"] = (
+            out[f"jc/sample_{bound}_tps{k}"] - out[f"jc/sample_{bound}_tps{base}"]
         )
     return out
