@@ -8,8 +8,9 @@ Stages (`all` runs the first four; each can run alone on the same --out):
     download  apt-get update; apt-get download PACKAGES into OUT/debs (Debian, as root)
     extract   dpkg-deb -x every .deb into OUT/extracted/<package>
     clean     one document per file (long files: per section) of prose, as OUT/documents.jsonl
-              (fields text, package, path): markup stripped, code blocks, tables and non-English
-              copies dropped, exact duplicates and repeated long paragraphs removed
+              (fields text, package, path) in a seeded random order: markup stripped, code
+              blocks, tables and non-English copies dropped, exact duplicates and repeated long
+              paragraphs removed
               (`data_pipeline.doc_corpus`); per-package counts in OUT/clean_stats.json
     build     dlm data build OUT/documents.jsonl -> OUT/shards (a BPE of --vocab-size trained on
               it, blocks of --seq-len); OUT/shards/debian_packages.json records every package's
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import subprocess
 import sys
 import time
@@ -35,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from data_pipeline.doc_corpus import Deduper, PackageSpec, read_documents  # noqa: E402
 
+SHUFFLE_SEED = 0
 # Debian 12 (bookworm) main: English prose documentation, largest first where it is prose
 PACKAGES: dict[str, PackageSpec] = {
     spec.name: spec
@@ -110,6 +113,15 @@ PACKAGES: dict[str, PackageSpec] = {
                 "fluids",
                 "brian",
                 "astroquery",
+                "sfepy",
+                "silx",
+                "escript",
+                "vispy",
+                "ezdxf",
+                "taurus",
+                "ruffus",
+                "xraylarch",
+                "sortedcontainers",
             )
         ),  # fmt: skip
         PackageSpec(name="gimp-help-en"),
@@ -117,6 +129,7 @@ PACKAGES: dict[str, PackageSpec] = {
         PackageSpec(name="sqlite3-doc"),
         PackageSpec(name="cppreference-doc-en-html"),
         PackageSpec(name="autoconf-doc"),
+        PackageSpec(name="scala-doc", include=r"/api/"),
         PackageSpec(name="debian-handbook"),
         PackageSpec(name="debian-reference-en"),
         PackageSpec(name="debian-policy", include=r"/_sources/"),
@@ -171,8 +184,12 @@ def clean(out: Path, packages: list[str]) -> dict:
     trees = [(PACKAGES.get(p, PackageSpec(name=p)), out / "extracted" / p) for p in packages]
     tmp = out / "documents.jsonl.partial"
     t0 = time.perf_counter()
+    docs = list(read_documents(trees, deduper=deduper, stats=stats))
+    # a seeded shuffle: the packages are read one after another, and without it the first
+    # shards (what `subset` keeps) would hold the first packages only
+    random.Random(SHUFFLE_SEED).shuffle(docs)
     with tmp.open("w", encoding="utf-8") as fh:
-        for doc in read_documents(trees, deduper=deduper, stats=stats):
+        for doc in docs:
             record = {"text": doc.text, "package": doc.package, "path": doc.path}
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.rename(out / "documents.jsonl")

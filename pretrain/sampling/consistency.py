@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 
-from pretrain.sampling.sampler import draw, generate, infill
+from pretrain.sampling.sampler import draw, generate, infill, top_k_mask
 
 
 class CallCounter:
@@ -138,19 +138,17 @@ def remask_decode(
     remasked = torch.zeros(x.shape[0], dtype=torch.long)
     for n in range(1, loop_steps + 2):
         masked = x == mask_id
+        r = BUDGETS[budget](n, loop_steps, m, remask_per_step) if n <= loop_steps else 0
+        if r == 0 and not bool(masked.any()):
+            continue  # nothing to commit or re-mask: no call
         logits = counter(x).float()  # [b, s, V]
         _, drawn = draw(logits.clone(), mask_id, temperature, generator)
-        r = BUDGETS[budget](n, loop_steps, m, remask_per_step) if n <= loop_steps else 0
         candidates = editable & ~masked  # committed before this step
         again = torch.zeros_like(masked)
         if r > 0:
             scores = SCORES[score](counter, x, logits, mask_id=mask_id, candidates=candidates)
-            scores = scores.masked_fill(~candidates, float("inf"))
             k = candidates.sum(dim=1).clamp(max=r)  # [b]
-            order = scores.argsort(dim=1)  # lowest first
-            rank = torch.empty_like(order)
-            rank.scatter_(1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
-            again = (rank < k[:, None]) & candidates
+            again = top_k_mask(-scores, candidates, k)  # the k lowest-scoring candidates
         x = torch.where(masked, drawn.to(x.dtype), x)
         x = torch.where(again, torch.full_like(x, mask_id), x)
         remasked += again.sum(dim=1).cpu()

@@ -88,7 +88,7 @@ def _by_schedule(confidence, masked, t, distance, schedule):
     return alpha.double() - (1e-6 * distance.double() + 1e-9 * position) / max(s, 1)
 
 
-def _pick(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def top_k_mask(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Per row, the top-k[b] scoring eligible positions -> bool [b, s]."""
     scores = scores.masked_fill(~eligible, float("-inf"))
     order = scores.argsort(dim=1, descending=True)
@@ -188,7 +188,7 @@ def infill(
         t = 1.0 - done_in_block.double() / steps.double()  # [b]
         scores = ORDERS[order](confidence, eligible, t, distance, schedule)
         k = eligible.sum(dim=1).clamp(max=tokens_per_step)
-        commit = _pick(scores, eligible, k)
+        commit = top_k_mask(scores, eligible, k)
         x = torch.where(commit, drawn.to(x.dtype), x)
         step += 1
         done_in_block = done_in_block + 1
