@@ -65,15 +65,15 @@ def cut_subset(
         if not (out / MANIFEST_FILE).is_file():
             raise DataError(f"{out}: exists and is not a dataset; refusing to overwrite it")
         shutil.rmtree(out)
+    tokenizer = source / manifest.tokenizer.file
     side = [
         p
         for p in sorted(source.iterdir())
         if p.is_file()
-        and p.name != MANIFEST_FILE
+        and p.name not in (MANIFEST_FILE, tokenizer.name, "subset.json")
         and not p.name.endswith(".tar")
         and p.stat().st_size <= SIDE_FILE_LIMIT
     ]
-    tokenizer = source / manifest.tokenizer.file
     fixed = tokenizer.stat().st_size + sum(p.stat().st_size for p in side) + (64 << 10)
     budget = int(max_mb * (1 << 20)) - fixed
     val, val_used = _take(
@@ -90,9 +90,8 @@ def cut_subset(
     out.mkdir(parents=True)
     for shard in [*train, *val]:
         shutil.copyfile(source / shard.name, out / shard.name)
-    for path in side:
-        if path.name != "subset.json":
-            shutil.copyfile(path, out / path.name)
+    for path in [tokenizer, *side]:
+        shutil.copyfile(path, out / path.name)
     splits = {"train": train, **({"val": val} if val else {})}
     subset = dataclasses.replace(manifest, splits=splits)
     subset.save(out)

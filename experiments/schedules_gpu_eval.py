@@ -252,10 +252,13 @@ def report(runs: list[dict], tokens_per_step: list[int]) -> str:
 
 
 def figures(runs: list[dict], out: Path, tokens_per_step: list[int]) -> list[Path]:
+    """ce_by_distance.png (bucketed CE with intervals, prefix CE) and generation.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from pretrain.probe.buckets import bucket_edges
 
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -267,15 +270,17 @@ def figures(runs: list[dict], out: Path, tokens_per_step: list[int]) -> list[Pat
         err = [[m - ce[k]["ce"][1] for k, m in zip(labels, mid, strict=True)],
                [ce[k]["ce"][2] - m for k, m in zip(labels, mid, strict=True)]]  # fmt: skip
         axes[0].errorbar(labels, mid, yerr=err, marker="o", capsize=2, label=name)
-        profile = r["prefix"]["profile"]
-        axes[1].plot(range(1, len(profile) + 1), profile, label=name)
+        profile = r["prefix"]["profile"]  # per distance; plotted as means over 1, 2, 3-4, ...
+        edges = bucket_edges(len(profile))
+        means = [float(np.mean(profile[lo - 1 : hi])) for lo, hi in edges]
+        axes[1].plot([(lo + hi) / 2 for lo, hi in edges], means, "o-", label=name)
     axes[0].set_xlabel("distance to the nearest visible token (linear-schedule masks)")
     axes[0].set_ylabel("validation CE (nats), 95% CI")
     axes[0].set_title("distance-bucketed CE")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("distance from the end of the clean prefix (everything later masked)")
     axes[1].set_ylabel("CE of the true token (nats)")
-    axes[1].set_title("prefix CE")
+    axes[1].set_title("prefix CE (means over distance buckets)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -290,11 +295,12 @@ def figures(runs: list[dict], out: Path, tokens_per_step: list[int]) -> list[Pat
             ("bigram_seen", "share of bigrams seen in validation"),
             ("repetition_4gram", "4-gram repetition within a sample"))  # fmt: skip
     for ax, (key, title) in zip(axes, keys, strict=True):
-        for r in runs:
+        for i, r in enumerate(runs):
             for t, style in ((1.0, "-"), (0.0, ":")):
                 ys = [r["generation"][f"T{t:g}_tps{k}"][key] for k in tokens_per_step]
-                ax.plot(tokens_per_step, ys, style, marker="o",
-                        label=f"{r['variant']} s{r['seed']} T{t:g}")  # fmt: skip
+                label = f"{r['variant']} s{r['seed']} T{t:g}"
+                ax.plot(tokens_per_step, ys, style, marker="o", color=f"C{i}", label=label)
+
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens per step")
         ax.set_title(title, fontsize=9)

@@ -196,6 +196,8 @@ def test_subset_copies_the_first_shards_within_the_budget(built, tmp_path):
     for info in sub.splits["train"]:
         assert (out / info.name).read_bytes() == (built / info.name).read_bytes()
     assert Manifest.load(out).tokenizer == full.tokenizer
+    tokenizer = full.tokenizer.file
+    assert (out / tokenizer).read_bytes() == (built / tokenizer).read_bytes()
     assert json.loads((out / "debian_packages.json").read_text()) == {"x": 1}
     record = json.loads((out / "subset.json").read_text())
     assert record["source_fingerprint"] == full.fingerprint()
