@@ -102,6 +102,59 @@ def test_a_failed_background_write_stops_the_run_and_seals_nothing(
     assert files(ckpts / "step_00000004") == files(sync_run["ckpts"] / "step_00000004")
 
 
+def _slow_write_of(step: int, then=lambda: None):
+    """A shard writer that, for `step`, calls `then` and waits a second before writing."""
+    real = manager.write_rank_shard
+
+    def slow(directory, rank, tensors, meta):
+        if directory.name.startswith(f"step_{step:08d}."):
+            then()
+            time.sleep(1.0)
+        return real(directory, rank, tensors, meta)
+
+    return slow
+
+
+def test_preemption_waits_for_the_save_in_flight(runtime, demo_data, tmp_path, monkeypatch, capsys):
+    """SIGTERM arrives while step 6 is being written in the background: the run stops at the
+    next step boundary, waits for step 6, then writes its preemption checkpoint."""
+    sigterm = lambda: os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731 - the "scheduler"
+    monkeypatch.setattr(manager, "write_rank_shard", _slow_write_of(6, sigterm))
+    capsys.readouterr()
+    result = train(
+        load_config(TINY, tiny_overrides(demo_data, tmp_path, "p", **ASYNC, **{"train.steps": 20}))
+    )
+    out = capsys.readouterr().out
+    ckpts = tmp_path / "p" / "checkpoints"
+    stop = result.preempted_at
+    assert stop is not None and 6 < stop < 20, out
+    assert f"[dlm] step {stop}: waited" in out and "for step_00000006 to finish writing" in out
+    assert steps_saved(ckpts) == [2, 4, 6, stop]
+    assert (ckpts / "latest").read_text() == f"step_{stop:08d}\n"
+    assert json.loads((tmp_path / "p" / "PREEMPTED").read_text()) == {"step": stop}
+
+
+def test_an_error_waits_for_the_save_in_flight(runtime, demo_data, tmp_path, monkeypatch):
+    """The step after step 6's save fails while that save is still being written: the run
+    finishes writing it before it releases the run lock and raises."""
+    from pretrain.run import Run
+
+    real_batches = Run.step_batches
+
+    def failing(self, step):
+        if step == 6:  # 0-based: the 7th step
+            raise RuntimeError("injected failure in step 7")
+        return real_batches(self, step)
+
+    monkeypatch.setattr(manager, "write_rank_shard", _slow_write_of(6))
+    monkeypatch.setattr(Run, "step_batches", failing)
+    with pytest.raises(RuntimeError, match="injected failure in step 7"):
+        train(load_config(TINY, tiny_overrides(demo_data, tmp_path, "e", **ASYNC)))
+    ckpts = tmp_path / "e" / "checkpoints"
+    assert steps_saved(ckpts) == [2, 4, 6] and (ckpts / "latest").read_text() == "step_00000006\n"
+    assert not list(ckpts.glob("*.partial*"))
+
+
 STALL = """
 import sys, threading, time
 from pathlib import Path
