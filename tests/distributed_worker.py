@@ -4,13 +4,13 @@
 
 SPEC is a JSON list of runs, each {"overrides": [...], "stop_at": int|null, "crash_at_save":
 int|null, "cpu_sequence_parallel": bool, "clock_step_s": [float per rank]|null, "fail_write_at":
-{"step": int, "rank": int}|null}; OUT receives, from rank 0, each run's per-step losses
-and evaluations. `crash_at_save` kills this process (os._exit, as a preemption or OOM kill
-would) while sealing the checkpoint of that step, after every rank has written its shard: the
-launcher then tears the job down. `clock_step_s` gives each rank a clock for
-`train.checkpoint_minutes` that advances that many seconds per reading (clocks that disagree).
-`fail_write_at` makes that rank's shard write of that step fail with an OSError (a read-only
-disk); the error each rank raises is written to OUT.rank<N>, then re-raised.
+{"step": int, "rank": int}|null}; OUT receives, from rank 0, each run's per-step losses and
+evaluations (rewritten after each run). `crash_at_save` kills this process (os._exit, as a
+preemption or OOM kill would) while sealing the checkpoint of that step, after every rank has
+written its shard: the launcher then tears the job down. `clock_step_s` gives each rank a clock
+for `train.checkpoint_minutes` that advances that many seconds per reading (clocks that
+disagree). `fail_write_at` makes that rank's shard write of that step fail with an OSError (a
+read-only disk); the error each rank raises is written to OUT.rank<N>, then re-raised.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def main(spec_path: str, out_path: str) -> None:
                 "checkpoint": str(result.checkpoint),
             }
         )
-    if int(os.environ.get("RANK", "0")) == 0:
-        Path(out_path).write_text(json.dumps(results))
+        if rank == 0:  # after every run: a job whose last run fails still reports the others
+            Path(out_path).write_text(json.dumps(results))
 
 
 def _ticking(step_s: float):

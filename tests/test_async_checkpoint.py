@@ -235,47 +235,55 @@ def test_the_schedule_combines_steps_and_minutes(monkeypatch):
     assert not any(off.due(step) for step in range(1, 100))
 
 
-def test_two_ranks_async_and_timed_saves(demo_data, tmp_path):
-    """Two ranks (gloo): background saves are hash-identical to synchronous ones; with clocks
-    that disagree (rank 0 reads 1 s per step, rank 1 7 s) and `checkpoint_minutes` = 15 s, both
-    ranks save at rank 1's steps 3 and 6 (rank 0's clock alone would never have saved)."""
+@pytest.fixture(scope="module")
+def two_ranks(demo_data, tmp_path_factory):
+    """One job of two ranks (gloo): synchronous saves, background saves, timed saves with
+    clocks that disagree, and last a run whose rank 1 cannot write step 4 (the job fails)."""
+    work = tmp_path_factory.mktemp("two-ranks")
     base = {"train.steps": 7, "train.micro_batch_size": 4}
     timed = base | ASYNC | {"train.checkpoint_interval": 0, "train.checkpoint_minutes": 0.25}
     runs = [
-        {"overrides": tiny_overrides(demo_data, tmp_path, "sync", **base | EVERY_2)},
-        {"overrides": tiny_overrides(demo_data, tmp_path, "async", **base | ASYNC)},
+        {"overrides": tiny_overrides(demo_data, work, "sync", **base | EVERY_2)},
+        {"overrides": tiny_overrides(demo_data, work, "async", **base | ASYNC)},
+        {"overrides": tiny_overrides(demo_data, work, "timed", **timed), "clock_step_s": [1, 7]},
         {
-            "overrides": tiny_overrides(demo_data, tmp_path, "timed", **timed),
-            "clock_step_s": [1, 7],
+            "overrides": tiny_overrides(demo_data, work, "fails", **base | ASYNC),
+            "fail_write_at": {"step": 4, "rank": 1},
         },
     ]
-    sync, background, _ = launch(2, runs, tmp_path / "job")
+    launch(2, runs, work / "job", expect_failure=True)  # the last run fails, as it should
+    return {"work": work, "results": json.loads((work / "job" / "out.json").read_text())}
+
+
+def test_two_ranks_async_and_timed_saves(two_ranks):
+    """Background saves are hash-identical to synchronous ones over two ranks; with clocks that
+    disagree (rank 0 reads 1 s per step, rank 1 7 s) and `checkpoint_minutes` = 15 s, both
+    ranks save at rank 1's steps 3 and 6 (rank 0's clock alone would never have saved)."""
+    work, (sync, background, _) = two_ranks["work"], two_ranks["results"]
     assert background["losses"] == sync["losses"]
     for n in (2, 4, 6, 7):
         name = f"step_{n:08d}"
-        a, b = tmp_path / "sync" / "checkpoints" / name, tmp_path / "async" / "checkpoints" / name
+        a, b = work / "sync" / "checkpoints" / name, work / "async" / "checkpoints" / name
         assert files(a) == files(b), name
         assert {"shards/rank-00000.safetensors", "shards/rank-00001.safetensors"} <= set(files(b))
-    ckpts = tmp_path / "timed" / "checkpoints"
+    ckpts = work / "timed" / "checkpoints"
     assert steps_saved(ckpts) == [3, 6, 7]
     for n in (3, 6):
         shards = sorted(p.name for p in (ckpts / f"step_{n:08d}" / "shards").iterdir())
         assert shards == ["rank-00000.safetensors", "rank-00001.safetensors"]
 
 
-def test_a_rank_whose_background_write_fails_stops_the_job(demo_data, tmp_path):
+def test_a_rank_whose_background_write_fails_stops_the_job(two_ranks):
     """Rank 1's write of step 4 fails: rank 0 (whose own write worked) raises a one-line error
     naming rank 1, nothing is sealed, and step 2 stays the latest, resumable."""
-    o = tiny_overrides(demo_data, tmp_path, "f", **{**ASYNC, "train.micro_batch_size": 4})
-    launch(2, [{"overrides": o, "fail_write_at": {"step": 4, "rank": 1}}], tmp_path / "job", True)
-    error = (tmp_path / "job" / "out.json.rank0").read_text()
+    work = two_ranks["work"]
+    error = (work / "job" / "out.json.rank0").read_text()
     assert error.startswith("CheckpointError: ") and len(error.splitlines()) == 1
     assert "step 4 was not written: rank 1 failed writing its files" in error
     assert "Read-only file system" in error and "step_00000002 stays the latest" in error
-    ckpts = tmp_path / "f" / "checkpoints"
+    ckpts = work / "fails" / "checkpoints"
     assert steps_saved(ckpts) == [2] and (ckpts / "latest").read_text() == "step_00000002\n"
     assert CheckpointManager(ckpts, keep_last=4).resume_point() == (ckpts / "step_00000002", None)
-    marker = json.loads((ckpts / "step_00000002" / MARKER).read_text())
     assert {"shards/rank-00000.safetensors", "shards/rank-00001.safetensors"} <= set(
-        marker["files"]
+        files(ckpts / "step_00000002")
     )
