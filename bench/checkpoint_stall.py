@@ -169,7 +169,9 @@ def main() -> None:
     from train_step import ensure_data
 
     ensure_data(a)
+    load_before = os.getloadavg()[0]
     result = measure(a)
+    result["load_average"] = [load_before, os.getloadavg()[0]]  # a shared machine's other jobs
     device = (
         torch.cuda.get_device_name(0)
         if a.device == "cuda"
@@ -179,7 +181,8 @@ def main() -> None:
         f"{device}, torch {torch.__version__}, python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d')}: {Path(a.config).name} {result['params'] / 1e6:.1f}M "
         f"params, seq {a.seq} x micro-batch {a.micro_batch}, a save every {a.every} steps "
-        f"({result['checkpoint_bytes'] / 1e6:.0f} MB), median of {a.repeats}"
+        f"({result['checkpoint_bytes'] / 1e6:.0f} MB), median of {a.repeats}, load average "
+        f"{result['load_average'][0]:.1f} -> {result['load_average'][1]:.1f}"
     )
     print(result["setup"])
     print(
