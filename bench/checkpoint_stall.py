@@ -2,7 +2,7 @@
 
     python bench/checkpoint_stall.py [--config configs/tiny.yaml] [--device cpu|cuda]
         [--seq 32] [--micro-batch 8] [--every 4] [--repeats 3] [--set key=value ...]
-        [--dir /tmp/dlm-checkpoint-stall] [--out results.json]
+        [--dir /tmp/dlm-checkpoint-stall] [--out results.json (appended to)]
 
 One run is built as the trainer builds it (`build_run`); its step is the trainer's
 (`run.step_batches` + `engine.train_step` + `engine.global_metrics`). After `--warmup` steps,
@@ -163,7 +163,7 @@ def main() -> None:
     p.add_argument("--data", default=None, help="shard directory (built if missing)")
     p.add_argument("--documents", type=int, default=3000, help="demo documents if building")
     p.add_argument("--dir", default="/tmp/dlm-checkpoint-stall", help="run directory")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--out", default=None, help="append the results to this JSON file")
     a = p.parse_args()
     a.data = a.data or str(REPO / "data" / f"bench-demo-{a.seq}")
     from train_step import ensure_data
@@ -196,8 +196,10 @@ def main() -> None:
             f"{r['window_s']:.2f} / {r['window_min_s']:.2f} | "
             f"{r['stall_per_save_s']:.2f} / {r['stall_per_save_min_s']:.2f} |"
         )
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    if a.out:  # appended to the runs already there
+        out = Path(a.out)
+        runs = json.loads(out.read_text())["runs"] if out.exists() else []
+        out.write_text(json.dumps({"runs": [*runs, result]}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
