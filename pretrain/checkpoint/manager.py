@@ -376,7 +376,7 @@ class CheckpointManager:
         if not failed:
             return
         if failure is not None and not isinstance(failure, OSError | CheckpointError):
-            failure.add_note(f"while saving {snap.final} (nothing was sealed)")
+            failure.add_note(f"while saving {snap.final}")
             raise failure
         rank, what = failed[0]
         what = " ".join(what.split())[:300]
@@ -384,6 +384,11 @@ class CheckpointManager:
             latest = read_latest(self.directory) or "no checkpoint"
         except CheckpointError:
             latest = "the previous 'latest'"
+        if (snap.final / MARKER).is_file() and not snap.staging.exists():  # e.g. `latest` failed
+            raise CheckpointError(
+                f"{snap.final}: the checkpoint of step {snap.step} is complete, but rank {rank} "
+                f"failed {doing} ({what}); {latest} is the latest"
+            ) from failure
         raise CheckpointError(
             f"{snap.staging}: the checkpoint of step {snap.step} was not written: rank {rank} "
             f"failed {doing} ({what}); nothing was sealed, {latest} stays the latest"
