@@ -102,6 +102,28 @@ def test_a_failed_background_write_stops_the_run_and_seals_nothing(
     assert files(ckpts / "step_00000004") == files(sync_run["ckpts"] / "step_00000004")
 
 
+def test_a_failure_after_the_seal_says_the_checkpoint_is_complete(
+    runtime, demo_data, tmp_path, monkeypatch
+):
+    """Step 6 is sealed but `latest` cannot be replaced: the error says so, and `latest` still
+    names step 4, which the resume takes (step 6 is complete; nothing is half-written)."""
+    real = manager.atomic_write_text
+
+    def failing_latest(path, text):
+        if path.name == "latest" and text.startswith("step_00000006"):
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(manager, "atomic_write_text", failing_latest)
+    with pytest.raises(CheckpointError) as info:
+        train(load_config(TINY, tiny_overrides(demo_data, tmp_path, "l", **ASYNC)))
+    ckpts, message = tmp_path / "l" / "checkpoints", str(info.value)
+    assert f"{ckpts / 'step_00000006'}: the checkpoint of step 6 is complete, but rank 0" in message
+    assert "No space left on device" in message and "step_00000004 is the latest" in message
+    assert steps_saved(ckpts) == [2, 4, 6]
+    assert CheckpointManager(ckpts, keep_last=4).resume_point() == (ckpts / "step_00000004", None)
+
+
 def _slow_write_of(step: int, then=lambda: None):
     """A shard writer that, for `step`, calls `then` and waits a second before writing."""
     real = manager.write_rank_shard
