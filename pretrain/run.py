@@ -141,6 +141,7 @@ class Run:
     """The run's exclusive lock (`pretrain.checkpoint.runlock`); `close()` releases it."""
 
     def close(self) -> None:
+        self.checkpoints.close()  # a save in flight finishes while the run is still locked
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -186,7 +187,12 @@ def build_run(cfg: Config, *, resume: bool | None = None) -> Run:
     data = TrainData(cfg, rt)
     recipe = build_recipe(cfg, mask_id=data.mask_id, vocab_size=data.vocab_size)
     lock = acquire_run_lock(run_dir, rt.rank)  # one trainer per run, else one line naming it
-    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_last, rank=rt.rank)
+    ckpts = CheckpointManager(
+        run_dir / "checkpoints",
+        keep_last=cfg.train.keep_last,
+        rank=rt.rank,
+        background=cfg.train.checkpoint_async,
+    )
     resume = cfg.train.resume == "auto" if resume is None else resume
     verify = cfg.train.verify_checkpoints
     resume_from, note = ckpts.resume_point(verify=verify) if resume else (None, None)

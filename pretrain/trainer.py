@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint.schedule import SaveSchedule
 from pretrain.config import Config, flatten, to_yaml
 from pretrain.evaluation.joint_consistency import joint_consistency
 from pretrain.evaluation.validation import evaluate
@@ -83,6 +84,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
     window = MetricWindow()  # metrics stay on the device between log lines
     nonfinite = NonFiniteGuard(cfg.train.on_nonfinite, checkpoints_dir=ckpts.directory)
     spikes = SpikeDetector(cfg.train.spike_zscore, cfg.train.spike_window)
+    schedule = SaveSchedule(cfg.train.checkpoint_interval, cfg.train.checkpoint_minutes)
     status = "FAILED"
     guard = PreemptionGuard.install()  # SIGTERM/SIGUSR1: checkpoint at a step boundary, stop
     try:
@@ -95,7 +97,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
             stop = guard.should_stop() and done < end  # collective: all ranks stop together
             log_now = done % cfg.train.log_interval == 0 or done == end
             eval_now = _every(cfg.train.eval_interval, done) or done == end
-            save_now = _every(cfg.train.checkpoint_interval, done) or done == end or stop
+            save_now = schedule.due(done) or done == end or stop  # due() first: collective
             boundary = log_now or eval_now or save_now or probe.due(done)
             resolved = window.add(done, metrics, started=t0, resolve=boundary)
             result.losses |= resolved
@@ -130,9 +132,14 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
                     "tracking_run_id": tracker.run_id,
                 }
                 result.checkpoint = ckpts.save(
-                    engine, done, trainer_state=trainer_state, config_yaml=to_yaml(cfg)
+                    engine,
+                    done,
+                    trainer_state=trainer_state,
+                    config_yaml=to_yaml(cfg),
+                    wait=done == end or stop,  # the last save is complete before the exit
                 )
-                say(f"[dlm] step {done} checkpoint {result.checkpoint}")
+            for note in ckpts.poll():  # saves completed; raises a failed background save
+                say(note)
             if stop:
                 result.preempted_at = guard.mark_preempted(run_dir, done, is_main=rt.is_main)
                 say(f"[dlm] preempted at step {done}: checkpointed; a restart resumes here")

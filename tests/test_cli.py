@@ -44,8 +44,8 @@ def test_unknown_config_key_is_one_line_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {bad}: unknown key 'train.stepz' (valid keys: steps, micro_batch_size, "
         "grad_accum_steps, seed, device, precision, log_interval, eval_interval, eval_batches, "
-        "checkpoint_interval, keep_last, resume, init_from, on_nonfinite, spike_zscore, "
-        "spike_window, verify_checkpoints)"
+        "checkpoint_interval, checkpoint_minutes, checkpoint_async, keep_last, resume, init_from, "
+        "on_nonfinite, spike_zscore, spike_window, verify_checkpoints)"
     ]
 
 

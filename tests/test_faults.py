@@ -419,10 +419,11 @@ def _killed_until_done(overrides: list[str], kills: int, seed: int) -> list[str]
         assert proc.returncode == -signal.SIGKILL and len(logs) <= kills, logs[-1][-3000:]
 
 
-def _check_killed_runs(base, tmp_path, kills: int, seed: int) -> None:
+def _check_killed_runs(base, tmp_path, kills: int, seed: int, background: bool = False) -> None:
     extra = {"train.steps": 10, "train.checkpoint_interval": 1, "train.keep_last": 2}
     extra["train.log_interval"] = 1
     reference = train(load_config(TINY, tiny_overrides(base["data"], tmp_path, "ref", **extra)))
+    extra["train.checkpoint_async"] = background  # against the synchronous reference
     overrides = tiny_overrides(base["data"], tmp_path, "killed", **extra)
     logs = _killed_until_done(overrides, kills, seed)
     sealed = 0  # the newest checkpoint any attempt reported complete
@@ -445,3 +446,10 @@ def test_random_sigkills_during_training_and_saves_lose_nothing(base, tmp_path):
 @pytest.mark.slow
 def test_many_random_sigkills_lose_nothing(base, tmp_path):
     _check_killed_runs(base, tmp_path, kills=8, seed=1)
+
+
+@pytest.mark.slow
+def test_random_sigkills_with_background_saves_lose_nothing(base, tmp_path):
+    """As above with `train.checkpoint_async`: most kills land while a save is being written
+    on the background thread (one is in flight almost all the time)."""
+    _check_killed_runs(base, tmp_path, kills=4, seed=2, background=True)

@@ -76,15 +76,15 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(
 
     from pretrain.checkpoint import manager
 
-    real_write = manager.write_record
+    real_write = manager.write_encoded
 
-    def failing_write(path, value):
+    def failing_write(path, text):
         if "trainer_rank" in str(path):
             raise OSError("No space left on device")
-        return real_write(path, value)
+        return real_write(path, text)
 
-    monkeypatch.setattr(manager, "write_record", failing_write)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(manager, "write_encoded", failing_write)
+    with pytest.raises(CheckpointError, match="rank 0 failed writing its files .*No space left"):
         run(demo_data, tmp_path, "crash")
     monkeypatch.undo()
 

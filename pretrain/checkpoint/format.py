@@ -19,6 +19,7 @@ data-parallel size, or another tensor/pipeline layout, is the same code path as 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,24 @@ def legacy_trainer_state_file(rank: int) -> str:
     return f"trainer_rank_{rank:05d}.pt"
 
 
+def to_host(key: str, value: torch.Tensor) -> torch.Tensor:
+    """fp32 CPU copy of a state tensor, for a save written before the step goes on; on CPU this
+    is the tensor itself when it already is fp32 (`HostBuffers.copy` makes a snapshot)."""
+    return value.detach().to("cpu", torch.float32).contiguous()
+
+
 def capture_rank_shard(
-    ds, named_params, *, dp_rank: int, dp_size: int, tp_rank: int, tp_size: int
+    ds,
+    named_params,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    tp_rank: int,
+    tp_size: int,
+    host: Callable[[str, torch.Tensor], torch.Tensor] = to_host,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Collective over each DP group: the tensors this rank writes and their metadata."""
+    """Collective over each DP group: the tensors this rank writes (through `host(key, value)`,
+    which brings each to the CPU as fp32) and their metadata."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, dict] = {}
     link_fragments(ds)
@@ -64,7 +79,8 @@ def capture_rank_shard(
         if i % dp_size != dp_rank or (replicated and tp_rank != 0):
             continue
         for kind in KINDS:
-            tensors[f"{name}#{kind}"] = state[kind].detach().to("cpu", torch.float32).contiguous()
+            key = f"{name}#{kind}"
+            tensors[key] = host(key, state[kind])
         meta[name] = {"tp_rank": tp_rank, "tp_size": tp_size}
     return tensors, meta
 

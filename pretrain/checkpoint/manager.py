@@ -16,6 +16,9 @@ at any point leaves the previous checkpoint and `latest` untouched. Loading veri
 the file set, sizes and hashes (`marker.py`); `resume_point` falls back to the newest checkpoint
 that verifies when `latest` does not. Pruning removes only what this process wrote, or anything
 stale while this process holds the run lock (`runlock.py`): no other trainer can be writing then.
+
+With `background` (`train.checkpoint_async`) the same writes, hashes, seal and pruning run on a
+thread after a host snapshot taken on the training step (`background.py`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,16 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 
+from pretrain.checkpoint.background import BackgroundWrite, HostBuffers
 from pretrain.checkpoint.format import (
     COMMON,
     KINDS,
@@ -38,6 +47,7 @@ from pretrain.checkpoint.format import (
     legacy_trainer_state_file,
     load_weights,
     shard_file,
+    to_host,
     trainer_state_file,
     write_rank_shard,
 )
@@ -57,7 +67,7 @@ from pretrain.checkpoint.optim_state import (
     set_param_state,
     set_step,
 )
-from pretrain.checkpoint.records import read_record, write_record
+from pretrain.checkpoint.records import encode_record, read_record, write_encoded
 from pretrain.checkpoint.runlock import holds_run_lock
 from pretrain.errors import CheckpointError
 
@@ -91,6 +101,24 @@ def _tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _nothing() -> None:
+    pass
+
+
+@dataclass
+class _Snapshot:
+    """What a save writes, taken on the training thread (`CheckpointManager._snapshot`)."""
+
+    step: int
+    staging: Path
+    final: Path
+    tensors: dict  # "<name>#<kind>" -> fp32 CPU tensor (host buffers under `background`)
+    meta: dict
+    records: dict[str, str]  # file name -> JSON text
+    config_yaml: str
+    ready: Callable[[], None]  # called before the tensors are read (device-to-host copies)
+
+
 def read_latest(directory: Path) -> str | None:
     """The checkpoint name `directory/latest` holds, None without one. It must name a
     `step_XXXXXXXX` directory inside `directory` (a symbolic link must point at one there)."""
@@ -117,12 +145,20 @@ def read_latest(directory: Path) -> str | None:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, *, keep_last: int, rank: int = 0):
+    def __init__(
+        self, directory: str | Path, *, keep_last: int, rank: int = 0, background: bool = False
+    ):
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.rank = rank
+        self.background = background
+        """Write checkpoints on a background thread (`train.checkpoint_async`)."""
         self._token: str | None = None  # this process's staging suffix, agreed at the 1st save
         self._saved: set[Path] = set()  # checkpoints this manager sealed (its to prune)
+        self._group = None  # gloo group the writers exchange their outcomes over
+        self._writer = BackgroundWrite()
+        self._host = HostBuffers()
+        self._notes: deque[str] = deque()  # completed saves, for poll(); appended by writers
 
     # ------------------------------------------------------------------ queries
     def complete_checkpoints(self) -> list[Path]:
@@ -214,12 +250,54 @@ class CheckpointManager:
         return mine
 
     # ------------------------------------------------------------------ save
-    def save(self, engine, step: int, *, trainer_state: dict, config_yaml: str) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint directory."""
+    def save(
+        self, engine, step: int, *, trainer_state: dict, config_yaml: str, wait: bool = True
+    ) -> Path:
+        """Collective: every rank calls it. Returns the checkpoint directory, complete on
+        return unless `background` is set and `wait` is False: then only the snapshot was taken
+        (see `background.py`) and `poll()` reports the save once it is complete."""
+        if self._writer.busy:  # at most one save in flight: this one waits for it
+            what = self._writer.what
+            waited = self._writer.wait()
+            self._notes.append(
+                f"[dlm] step {step}: waited {waited:.2f} s for {what} to finish writing"
+            )
+        started = time.perf_counter()
+        snap = self._snapshot(engine, step, trainer_state, config_yaml)
+        if self.background and not wait:
+            blocked = time.perf_counter() - started
+            self._writer.submit(lambda: self._write(snap, blocked), snap.final.name)
+        else:
+            self._write(snap, None)
+        return snap.final
+
+    def poll(self) -> list[str]:
+        """One line per save completed since the last call; raises the failure of a background
+        save (on every rank: the ranks exchange their outcomes). Not collective: call it at
+        every step."""
+        self._writer.check()
+        return [self._notes.popleft() for _ in range(len(self._notes))]
+
+    def wait(self) -> None:
+        """Wait for the save in flight, if any; raises its failure."""
+        self._writer.wait()
+
+    def close(self) -> None:
+        """Wait for the save in flight before the run ends (the run lock must outlive it). A
+        failure is printed, not raised: `close` runs while another exception may be leaving."""
+        try:
+            self._writer.wait()
+        except Exception as exc:  # noqa: BLE001 - reported, and the checkpoint stays partial
+            print(f"[dlm] error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+
+    def _snapshot(self, engine, step: int, trainer_state: dict, config_yaml: str) -> _Snapshot:
+        """The training-thread half of a save: staging directory, DP gathers, host copies."""
         rt = engine.rt
         tag = _tag(step)
         if self._token is None:  # unique per process: two trainers never share a staging dir
             self._token = _from_rank0(f"{os.getpid()}-{secrets.token_hex(4)}")
+        if self._group is None and _world()[1] > 1:  # the writers' own (host) process group
+            self._group = dist.new_group(backend="gloo")
         staging = self.directory / f"{tag}.partial.{self._token}"
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)  # ours, from a save that failed
@@ -232,31 +310,89 @@ class CheckpointManager:
             dp_size=rt.dp,
             tp_rank=rt.topology.coordinates(rt.rank)[2],
             tp_size=rt.tp,
+            host=self._host.copy if self.background else to_host,
         )
-        write_rank_shard(staging, self.rank, tensors, meta)
-        write_record(staging / trainer_state_file(self.rank), trainer_state)
-        record_digests(
-            staging,
-            self.rank,
-            [f"{SHARD_DIR}/{shard_file(self.rank)}", trainer_state_file(self.rank)],
-        )
+        records = {trainer_state_file(self.rank): trainer_state}
         if self.rank == 0:
-            common = {
+            records[COMMON] = {
                 "step": step,
                 "optimizer_step": get_step(engine.ds),
                 "scheduler": engine.ds.lr_scheduler.state_dict(),
                 "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp},
             }
-            write_record(staging / COMMON, common)
-        _barrier()
-        final = self.directory / tag
+        return _Snapshot(
+            step=step,
+            staging=staging,
+            final=self.directory / tag,
+            tensors=tensors,
+            meta=meta,
+            records={name: encode_record(value, name) for name, value in records.items()},
+            config_yaml=config_yaml,
+            ready=self._host.ready() if self.background else _nothing,
+        )
+
+    def _write(self, snap: _Snapshot, blocked: float | None) -> None:
+        """The rest of a save, on the training thread or a background one (`blocked`: how
+        long the step was held by the snapshot). The ranks exchange their outcomes before rank
+        0 seals and after: a failure anywhere is raised on every rank, and never sealed."""
+        started = time.perf_counter()
+        failure = None
+        try:
+            snap.ready()  # device-to-host copies landed
+            write_rank_shard(snap.staging, self.rank, snap.tensors, snap.meta)
+            for name, text in snap.records.items():
+                write_encoded(snap.staging / name, text)
+            written = [f"{SHARD_DIR}/{shard_file(self.rank)}", *snap.records]
+            record_digests(snap.staging, self.rank, written)
+        except Exception as exc:  # noqa: BLE001 - every rank learns of it in _agree
+            failure = exc
+        self._agree(snap, failure, "writing its files")
         if self.rank == 0:
-            seal(staging, final, step, config_yaml)
-            self._saved.add(final)
-            atomic_write_text(self.directory / LATEST, tag + "\n")
-            self._prune(keep=final)
-        _barrier()
-        return final
+            try:
+                seal(snap.staging, snap.final, snap.step, snap.config_yaml)
+                self._saved.add(snap.final)
+                atomic_write_text(self.directory / LATEST, snap.final.name + "\n")
+                self._prune(keep=snap.final)
+            except Exception as exc:  # noqa: BLE001
+                failure = exc
+        self._agree(snap, failure, "sealing")
+        note = f"[dlm] step {snap.step} checkpoint {snap.final}"
+        if blocked is not None:
+            note += (
+                f" (the step waited {blocked:.2f} s for the snapshot; written in the "
+                f"background in {time.perf_counter() - started:.2f} s)"
+            )
+        self._notes.append(note)
+
+    def _agree(self, snap: _Snapshot, failure: Exception | None, doing: str) -> None:
+        """Raise on every rank if any rank failed (`doing` what), naming it; a rank's own
+        failure other than an I/O error is raised as it is (a bug keeps its traceback)."""
+        mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+        outcomes = [mine]
+        if _world()[1] > 1:
+            outcomes = [None] * _world()[1]
+            dist.all_gather_object(outcomes, mine, group=self._group)
+        failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+        if not failed:
+            return
+        if failure is not None and not isinstance(failure, OSError | CheckpointError):
+            failure.add_note(f"while saving {snap.final}")
+            raise failure
+        rank, what = failed[0]
+        what = " ".join(what.split())[:300]
+        try:
+            latest = read_latest(self.directory) or "no checkpoint"
+        except CheckpointError:
+            latest = "the previous 'latest'"
+        if (snap.final / MARKER).is_file() and not snap.staging.exists():  # e.g. `latest` failed
+            raise CheckpointError(
+                f"{snap.final}: the checkpoint of step {snap.step} is complete, but rank {rank} "
+                f"failed {doing} ({what}); {latest} is the latest"
+            ) from failure
+        raise CheckpointError(
+            f"{snap.staging}: the checkpoint of step {snap.step} was not written: rank {rank} "
+            f"failed {doing} ({what}); nothing was sealed, {latest} stays the latest"
+        ) from failure
 
     def _prune(self, keep: Path) -> None:
         """Old checkpoints beyond `keep_last` and leftover staging directories: only those

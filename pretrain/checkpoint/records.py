@@ -81,9 +81,20 @@ def _decode(value: Any, where: str) -> Any:
     return value
 
 
+def encode_record(value: dict, name: str) -> str:
+    """`value` (plain data and small tensors) as the JSON text of record file `name`: a copy
+    that later changes to `value` cannot touch (what a background save writes)."""
+    return json.dumps(_encode(value, name), sort_keys=True)
+
+
+def write_encoded(path: Path, text: str) -> None:
+    """Write a record encoded by `encode_record`."""
+    path.write_text(text)
+
+
 def write_record(path: Path, value: dict) -> None:
     """Write `value` (plain data and small tensors) as JSON at `path`."""
-    path.write_text(json.dumps(_encode(value, path.name), sort_keys=True))
+    write_encoded(path, encode_record(value, path.name))
 
 
 def read_record(path: Path, legacy: Path | None = None) -> dict:

@@ -237,6 +237,15 @@ class TrainConfig:
     """Validation batches per pass (fixed samples, fixed t-grid, fixed mask seed)."""
     checkpoint_interval: int = 200
     """Steps between checkpoints (0 disables; a final one is always written)."""
+    checkpoint_minutes: float = 0.0
+    """Also checkpoint once this many minutes have passed since the last save (0 disables);
+    combined with `checkpoint_interval` (either one triggers a save). Every rank saves at the
+    same step: the ranks vote at each step, and the first clock past the interval decides."""
+    checkpoint_async: bool = False
+    """Write checkpoints on a background thread: the step waits only for a host copy of the
+    state (and the DP gathers), then goes on while the files are written, hashed and sealed
+    exactly as a synchronous save does. One save in flight at most; a failure stops the run
+    at the next step; the final and preemption saves are waited for (docs/reliability.md)."""
     keep_last: int = 3
     """Complete checkpoints kept on disk; older ones are deleted after a successful save."""
     resume: Literal["auto", "never"] = "auto"
@@ -266,6 +275,10 @@ class TrainConfig:
         for key in ("eval_interval", "checkpoint_interval", "eval_batches"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.checkpoint_minutes >= 0:
+            raise ConfigError(
+                f"train.checkpoint_minutes must be >= 0 (0 disables), got {self.checkpoint_minutes}"
+            )
         if not self.spike_zscore > 0 or self.spike_window < 2:
             raise ConfigError("train.spike_zscore must be > 0 and train.spike_window >= 2")
 
