@@ -190,12 +190,11 @@ def build_run(cfg: Config, *, resume: bool | None = None) -> Run:
     resume = cfg.train.resume == "auto" if resume is None else resume
     verify = cfg.train.verify_checkpoints
     resume_from, note = ckpts.resume_point(verify=verify) if resume else (None, None)
-    layers = cfg.model.num_layers
     # the resume point was verified just now; `init_from` is verified when opened
-    reader = open_checkpoint(resume_from, num_layers=layers, verify=False) if resume_from else None
+    reader = open_checkpoint(resume_from, model=cfg.model, verify=False) if resume_from else None
     init_from = cfg.train.init_from if not reader else None  # weights only, e.g. AR -> DLM
     weights = reader or (
-        open_checkpoint(Path(init_from), num_layers=layers, verify=verify) if init_from else None
+        open_checkpoint(Path(init_from), model=cfg.model, verify=verify) if init_from else None
     )
     engine = build_engine(
         cfg,

@@ -63,7 +63,7 @@ def load_model(
         mask_token_id=tok.mask_id,
     )
     load_weights(
-        open_checkpoint(ckpt, num_layers=cfg.model.num_layers, verify=verify),
+        open_checkpoint(ckpt, model=cfg.model, verify=verify),
         model.named_parameters(),
         tp_rank=0,
         tp_size=1,
