@@ -2,6 +2,7 @@
 
     dlm data build INPUT... --out DIR --seq-len N     txt/jsonl/parquet -> webdataset shards
     dlm data inspect DIR                              counts, decoded samples, token histogram
+    dlm data subset DIR --out DIR --max-mb MB         the first shards of a dataset, within a budget
     dlm train CONFIG [key.sub=value ...]              train (resumes the run's latest checkpoint)
     dlm launch CONFIG [--mode local|node|slurm] ...   torchrun here, on several nodes, or sbatch
     dlm plan CONFIG [--layout TPxPPxDP[:ZERO]] ...    per-GPU memory table for parallel layouts
@@ -102,6 +103,18 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return run_inspect(args)
 
 
+def _add_subset_arguments(parser: argparse.ArgumentParser) -> None:
+    from data_pipeline.subset import add_subset_arguments
+
+    add_subset_arguments(parser)
+
+
+def _run_subset(args: argparse.Namespace) -> int:
+    from data_pipeline.subset import run_subset
+
+    return run_subset(args)
+
+
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     from pretrain.checkpoint.convert import add_convert_arguments
 
@@ -160,6 +173,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "summarise a built dataset: counts per split, decoded samples, token histogram",
         _add_inspect_arguments,
         _run_inspect,
+    ),
+    ("data", "subset"): (
+        "cut a smaller dataset (the first shards, same tokenizer) within a size budget",
+        _add_subset_arguments,
+        _run_subset,
     ),
     ("train",): (
         "train a diffusion LM from a YAML config (auto-resumes from the latest checkpoint)",

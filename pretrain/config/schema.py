@@ -555,7 +555,10 @@ class EvalConfig:
     """Steps between information-decay probes (prompt + masks, one forward; 0 disables): the
     profile plot and summary numbers and the distance-bucketed validation CE go to MLflow."""
     probe_prompts: str | None = None
-    """jsonl file of probe prompts (`text` field); null takes validation sequences' starts."""
+    """jsonl file of probe prompts (the `probe_field` field of each line); null takes
+    validation sequences' starts."""
+    probe_field: str = "text"
+    """Field of each `probe_prompts` line that holds the prompt text (as `dlm probe --field`)."""
     probe_prompt_count: int = 8
     """Prompts taken from the validation split when `probe_prompts` is null."""
     probe_prompt_tokens: int = 16
@@ -571,6 +574,8 @@ class EvalConfig:
                 raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
         if self.probe_masks <= 0 or self.frequent_tokens <= 0:
             raise ConfigError("eval.probe_masks and eval.frequent_tokens must be positive")
+        if not self.probe_field:
+            raise ConfigError("eval.probe_field must name a field of the prompts' jsonl lines")
 
 
 @dataclass(kw_only=True)

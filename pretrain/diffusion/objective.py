@@ -18,6 +18,7 @@ import torch
 
 from pretrain.config import DiffusionConfig
 from pretrain.diffusion.corruption import CorruptionKey, mask_tokens, sample_times, to_device
+from pretrain.diffusion.labels import per_token_slot_name
 from pretrain.diffusion.registry import objective_spec
 from pretrain.diffusion.schedules import NoiseSchedule, build_schedule
 from pretrain.model.masks import DocumentMask
@@ -111,11 +112,9 @@ class MaskedDiffusion:
         self.metric_name, self._normalize = NORMALIZATIONS[normalization]
         # A content-dependent schedule is a surrogate, not a bound: its loss is never named for
         # a likelihood.
-        self.bound_name = (
-            "nelbo_per_token_slot" if schedule.is_nelbo else "surrogate_per_token_slot"
-        )
-        if not schedule.is_nelbo and self.metric_name == "nelbo_per_token_slot":
-            self.metric_name = "surrogate_per_token_slot"
+        self.bound_name = per_token_slot_name(schedule)  # pretrain.diffusion.labels
+        if self.metric_name == "nelbo_per_token_slot":
+            self.metric_name = self.bound_name
         # Every key `loss` reports, plus the loss itself, in a fixed order for reductions. All are
         # means over token slots, so micro-batches and replicas (equal slot counts) average
         # exactly; ratios such as `ce_masked` are derived afterwards by `summarize`.

@@ -13,16 +13,26 @@ from pretrain.probe.buckets import distance_bucketed_ce
 from pretrain.probe.probe import frequent_token_ids, run_probe, write_probe
 
 
-def read_prompts(path: str | Path, tokenizer, *, field: str = "text") -> list[torch.Tensor]:
-    """A jsonl file with one prompt per line under `field` -> token ids (1-D long tensors)."""
+def read_prompts(
+    path: str | Path, tokenizer, *, field: str = "text", field_option: str = "--field"
+) -> list[torch.Tensor]:
+    """A jsonl file with one prompt per line under `field` -> token ids (1-D long tensors).
+    `field_option` names the setting that chose the field, for the error message."""
     prompts = []
     for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            text = json.loads(line)[field]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}:{n}: expected a JSON object with a string '{field}'") from None
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{n}: expected a JSON object per line") from None
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            raise DataError(
+                f"{path}:{n}: expected a JSON object with a string '{field}' (the prompt field, "
+                f"set by {field_option}); found: {keys}"
+            )
         ids = tokenizer.encode(text).ids
         if not ids:
             raise DataError(f"{path}:{n}: prompt '{text[:40]}' encodes to no tokens")
@@ -45,11 +55,30 @@ class ModelProbe:
     forward (`for_module`), or the training engine's no-grad forward in any layout.
     """
 
-    def __init__(self, *, logits, ce, mask_id, eos_id, prompts, frequent_ids, val, num_masks):
+    def __init__(
+        self,
+        *,
+        logits,
+        ce,
+        mask_id,
+        eos_id,
+        prompts,
+        frequent_ids,
+        val,
+        num_masks,
+        decode=None,
+        title: str = "",
+    ):
         self._logits, self._ce = logits, ce
         self.mask_id, self.eos_id = mask_id, eos_id
         self.prompts, self.frequent_ids, self.val = prompts, frequent_ids, val
         self.num_masks = num_masks
+        self.decode = decode
+        """token id -> text, for the tokens in the JSON (None: ids only)."""
+        self.title = title
+        """The plot's title (default: the probe's name and size)."""
+        self.last: tuple | None = None
+        """(ProbeResult, bucketed CE) of the last run, for overlays of several models."""
 
     @classmethod
     def for_module(cls, module, **kwargs) -> ModelProbe:
@@ -83,6 +112,7 @@ class ModelProbe:
                 eos_id=self.eos_id,
                 frequent_ids=self.frequent_ids,
                 num_masks=self.num_masks,
+                decode=self.decode,
             )
             buckets = (
                 distance_bucketed_ce(self._ce, self.val, mask_id=self.mask_id) if self.val else {}
@@ -90,15 +120,13 @@ class ModelProbe:
         finally:
             if module is not None:
                 module.train(was_training)
+        self.last = (result, buckets)
         metrics = dict(result.summary())
         for label, row in buckets.items():
             metrics[f"val/ce_dist_{label}"] = row["ce"]
         if not write:
             return metrics, None, None
-        json_path, png = write_probe(result, out_dir, name=name)
-        data = json.loads(json_path.read_text())
-        data["distance_bucketed_ce"] = buckets
-        json_path.write_text(json.dumps(data))
+        json_path, png = write_probe(result, out_dir, name=name, title=self.title, buckets=buckets)
         return metrics, json_path, png
 
 
@@ -122,11 +150,16 @@ class TrainingProbe:
             return cls(None, 0, Path(), rt.is_main)
         val = data.global_val()  # the same prompts and data for every layout
         tok = data.manifest.tokenizer
-        if cfg.eval.probe_prompts:
-            from data_pipeline.tokenizer import load_tokenizer
+        from data_pipeline.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(data.data_dir / tok.file)
-            prompts = read_prompts(cfg.eval.probe_prompts, tokenizer)
+        tokenizer = load_tokenizer(data.data_dir / tok.file)
+        if cfg.eval.probe_prompts:
+            prompts = read_prompts(
+                cfg.eval.probe_prompts,
+                tokenizer,
+                field=cfg.eval.probe_field,
+                field_option="eval.probe_field",
+            )
         else:
             prompts = val_prompts(val, cfg.eval.probe_prompt_count, cfg.eval.probe_prompt_tokens)
         if not prompts:
@@ -150,6 +183,8 @@ class TrainingProbe:
             frequent_ids=frequent,
             val=val,
             num_masks=cfg.eval.probe_masks,
+            decode=lambda i: tokenizer.decode([i]),
+            title=f"{cfg.run.name}: probe",
         )
         return cls(probe, interval, run.run_dir / "probe", rt.is_main)
 

@@ -18,7 +18,11 @@ class EnergyNCE(AuxiliaryLoss):
         x~ = x_t with every masked position drawn independently from p_theta(. | x_t) (no grad)
         L_nce = 1/B sum_b [ softplus(E(x0_b)) + softplus(-E(x~_b)) ]
 
-    i.e. logistic regression with logit -E(x) for "x is data". At the optimum
+    i.e. logistic regression with logit -E(x) for "x is data". The NCE gradient reaches the
+    shared trunk, which is what makes the energy informative and also what can hurt the token
+    model: on the multi-constraint task a weight of 1 cost most of the sequential validity and
+    0.1 kept it (a stop-gradient into the trunk kept the token model intact but left the
+    linear energy uninformative); see docs/joint_consistency.md. At the optimum
     -E(x) = log p_data(x) / q(x), q the parallel sampler, so exp(-E) is the importance weight
     that turns parallel candidates into samples of the data distribution: the k-candidate
     decoder (`pretrain.sampling.consistency.energy_resample`) resamples by it.

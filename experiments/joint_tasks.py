@@ -1,13 +1,18 @@
-"""A synthetic task with a known joint constraint, for measuring the parallel-decoding gap.
+"""Synthetic tasks with known joint constraints, and a tiny trainer, for measuring the
+parallel-decoding gap (tests/test_joint_consistency.py, experiments/joint_consistency_*.py).
 
-Sequences of length L over K symbols and F filler tokens: position 0 is a fixed `<bos>` (the
-decoding prompt: with RoPE alone a fully masked sequence gives the model no absolute position),
-positions `a` and `b` carry the same symbol, drawn uniformly from K, and every other position is
-an independent uniform filler. The
-per-position marginals are uniform, so a perfect marginal-only model decoding both positions in
-one step agrees with probability exactly 1/K; only a model (or decoder) that captures the joint
-can do better. `train_tiny` trains a small `DLMTransformer` on it through the real masked
-diffusion objective, optionally with auxiliary losses, in plain PyTorch (seconds on a CPU).
+`ConstraintTask`: sequences of length L over K symbols and F filler tokens. Position 0 is a fixed
+`<bos>` (the decoding prompt: with RoPE alone a fully masked sequence gives the model no absolute
+position). Each group of positions (a pair, a triple, ...) carries one symbol, drawn uniformly
+from K independently of the other groups; every other position is an independent uniform filler.
+Every per-position marginal is uniform, so a perfect marginal-only model decoding a group in one
+step agrees with probability exactly 1/K^(|group|-1); only a model (or decoder) that captures
+the joint does better. `PAIR_TASK` is the one-pair task, `MULTI_TASK` has several constraints
+(three pairs at distances 1, 8 and 9, and a triple) in one sequence.
+
+`train_tiny` trains a small `DLMTransformer` through the real masked-diffusion objective,
+optionally with auxiliary losses, in plain PyTorch (seconds on a CPU). Needs the Megatron
+process groups of one process (`pretrain.parallel.runtime.init_runtime`).
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ from pretrain.diffusion.objective import build_objective
 
 
 @dataclass(frozen=True)
-class PairTask:
+class ConstraintTask:
     symbols: int = 8
-    """K: the pair's symbol is uniform over ids 0..K-1."""
+    """K: each group's symbol is uniform over ids 0..K-1."""
     fillers: int = 4
     """Filler ids K..K+F-1."""
-    length: int = 8
-    pair: tuple[int, int] = (1, 6)
+    length: int = 16
+    groups: tuple[tuple[int, ...], ...] = ((1, 2), (3, 11), (5, 14), (7, 9, 13))
+    """Positions that must carry the same symbol (disjoint, never 0)."""
 
     @property
     def bos_id(self) -> int:
@@ -45,12 +51,18 @@ class PairTask:
     def vocab_size(self) -> int:
         return self.mask_id + 1
 
+    @property
+    def marginal_rate(self) -> float:
+        """Mean agreement per group of independent uniform draws: mean of K^-(|g| - 1)."""
+        return sum(self.symbols ** (1 - len(g)) for g in self.groups) / len(self.groups)
+
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """n clean sequences [n, L]."""
         x = self.symbols + torch.randint(0, self.fillers, (n, self.length), generator=generator)
-        symbol = torch.randint(0, self.symbols, (n,), generator=generator)
-        x[:, self.pair[0]] = symbol
-        x[:, self.pair[1]] = symbol
+        for group in self.groups:
+            symbol = torch.randint(0, self.symbols, (n,), generator=generator)
+            for position in group:
+                x[:, position] = symbol
         x[:, 0] = self.bos_id
         return x
 
@@ -58,10 +70,26 @@ class PairTask:
         """The decoding prompt [n, 1]: `<bos>`; decode `length - 1` tokens after it."""
         return torch.full((n, 1), self.bos_id, dtype=torch.long)
 
+    def group_agreement(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, groups] bool: the group's positions carry one symbol (a symbol, not a filler)."""
+        columns = []
+        for group in self.groups:
+            first = x[:, group[0]]
+            same = torch.stack([x[:, p] == first for p in group[1:]], dim=1).all(dim=1)
+            columns.append(same & (first < self.symbols))
+        return torch.stack(columns, dim=1)
+
     def agreement(self, x: torch.Tensor) -> float:
-        """Fraction of sequences whose pair positions carry the same symbol."""
-        a, b = x[:, self.pair[0]], x[:, self.pair[1]]
-        return ((a == b) & (a < self.symbols)).float().mean().item()
+        """Mean over sequences and groups of the group agreeing (marginal: `marginal_rate`)."""
+        return self.group_agreement(x).float().mean().item()
+
+    def validity(self, x: torch.Tensor) -> float:
+        """Fraction of sequences in which every group agrees."""
+        return self.group_agreement(x).all(dim=1).float().mean().item()
+
+
+PAIR_TASK = ConstraintTask(length=8, groups=((1, 6),))
+MULTI_TASK = ConstraintTask()
 
 
 @dataclass
@@ -73,7 +101,7 @@ class TinyRun:
 
 
 def train_tiny(
-    task: PairTask,
+    task: ConstraintTask,
     losses: list[AuxiliaryLossConfig],
     *,
     steps: int,
@@ -82,8 +110,7 @@ def train_tiny(
     seed: int = 0,
     model_cfg: ModelConfig | None = None,
 ) -> TinyRun:
-    """Train a small DLM on `task` with the masked-diffusion NELBO plus `losses` (needs the
-    Megatron process groups of one process: `pretrain.parallel.runtime.init_runtime`)."""
+    """Train a small DLM on `task` with the masked-diffusion NELBO plus `losses`."""
     from pretrain.model.parallelize import build_model
 
     model_cfg = model_cfg or ModelConfig(
