@@ -38,6 +38,7 @@ expert linears skip their own TP communication), so the expert path enters throu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -310,6 +311,11 @@ class MoEBlock(MegatronModule):
         )
         for p in self.experts.parameters():  # held by the ranks of one expert-data group only
             p.expert_parallel = True
+            # Megatron marks expert-parallel weights `allreduce=False`, which DeepSpeed takes for
+            # its own MoE parameters (and then wants its expert groups); the fused optimizer
+            # reduces them by `expert_parallel` instead
+            if hasattr(p, "allreduce"):
+                del p.allreduce
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_experts = SharedExpertMLP(
@@ -358,6 +364,19 @@ def canonical_experts(module: torch.nn.Module, named) -> list[tuple[str, torch.T
         return list(named)
     place = dict(ep_rank=blocks[0].ep_rank, local_experts=blocks[0].num_local_experts)
     return [(canonical_expert_name(n, **place), t) for n, t in named]
+
+
+@contextlib.contextmanager
+def experts_kept(module: torch.nn.Module):
+    """Keep the routed experts' values through the block: DeepSpeed's engine broadcasts every
+    parameter it does not know as its own MoE parameter from data-parallel rank 0, which would
+    give every expert-parallel rank rank 0's experts."""
+    experts = [p for p in module.parameters() if getattr(p, "expert_parallel", False)]
+    kept = [p.detach().clone() for p in experts]
+    yield
+    with torch.no_grad():
+        for p, value in zip(experts, kept, strict=True):
+            p.copy_(value)
 
 
 def set_router_grad_scale(module: torch.nn.Module, scale: float) -> None:

@@ -19,7 +19,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from pretrain.config import Config
 from pretrain.config.schema import padded_vocab_size
 from pretrain.model.fp8 import apply_fp8
-from pretrain.model.moe import canonical_experts, expert_groups, set_router_grad_scale
+from pretrain.model.moe import (
+    canonical_experts,
+    expert_groups,
+    experts_kept,
+    set_router_grad_scale,
+)
 from pretrain.model.sharding import initialize, mark_tensor_parallel
 from pretrain.model.transformer import DLMTransformer, OutputHead, megatron_config
 from pretrain.parallel.engine import DataParallelEngine, Engine
@@ -101,7 +106,9 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, rt: Runtime) -> torch.
             dp_group=parallel_state.get_data_parallel_group(),
             tp_group=parallel_state.get_tensor_model_parallel_group(),
             model_parallel_group=parallel_state.get_model_parallel_group(),
-            expert_dp_group=parallel_state.get_expert_data_parallel_group(),
+            expert_dp_group=parallel_state.get_expert_data_parallel_group()
+            if cfg.model.moe.enabled
+            else None,
             shard=cfg.parallel.zero_stage == 1,
             skip_nonfinite=cfg.train.on_nonfinite == "skip",
         )
@@ -241,15 +248,16 @@ def build_engine(
             min_ratio=cfg.optim.min_lr_ratio,
         ),
     )
-    ds, *_ = deepspeed.initialize(
-        model=module,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, rt),
-        # DeepSpeed derives a pipeline engine's groups from the PipelineModule's topology and
-        # refuses an mpu next to it; the plain engine takes Megatron's groups through the mpu.
-        mpu=MegatronMPU() if rt.pp == 1 else None,
-    )
+    with experts_kept(module):
+        ds, *_ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, rt),
+            # DeepSpeed derives a pipeline engine's groups from the PipelineModule's topology
+            # and refuses an mpu next to it; the plain engine takes Megatron's groups (mpu).
+            mpu=MegatronMPU() if rt.pp == 1 else None,
+        )
     if isinstance(optimizer, MasterWeightAdamW):
         # the optimizer reduces its fp32 gradients itself (all-reduce, or reduce-scatter)
         ds.enable_backward_allreduce = False

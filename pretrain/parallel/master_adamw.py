@@ -110,7 +110,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         """`model_parallel_group`: the ranks of one replica (TP x PP): the gradient norm sums
         over them; `tp_group` decides which ranks count a TP-replicated parameter (rank 0).
         `expert_dp_group`: the data-parallel ranks holding this rank's experts (parameters
-        marked `expert_parallel`; default `dp_group`).
+        marked `expert_parallel`), for an MoE model; None for a dense one.
         `skip_nonfinite`: a step whose gradient norm is not finite changes nothing (decided on
         the device: the fused kernel's `found_inf`); `skipped` counts them."""
         super().__init__(param_groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
@@ -124,6 +124,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         experts = [p for p in params if getattr(p, "expert_parallel", False)]
         dense = [p for p in params if not getattr(p, "expert_parallel", False)]
         self.flats = [_Flat(dense, dp_group, self.shard)] if dense else []
+        self.expert_dp_group = expert_dp_group
         if experts:
             group = dp_group if expert_dp_group is None else expert_dp_group
             self.flats.append(_Flat(experts, group, self.shard))
@@ -198,19 +199,22 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the (averaged) gradient over the whole model, each element once."""
-        sums = torch.stack([self._sumsq(flat) for flat in self.flats])
+        sums = [self._sumsq(flat) for flat in self.flats]
+        if self.expert_dp_group is not None and len(self.flats) == 1:
+            sums.append(torch.zeros_like(sums[0]))  # a pipeline stage without experts
+        sums = torch.stack(sums)  # [dense, experts]: the same shape on every rank
         if self.shard:  # every element is owned by one rank of its group: sum over all ranks
             if dist.is_initialized():
                 dist.all_reduce(sums)
             return sums.sum().sqrt()
-        if len(self.flats) == 1:  # dense: every DP rank holds the same sum over its replica
+        if self.expert_dp_group is None:  # dense: every DP rank holds its replica's sum
             if _size(self.mp_group) > 1:
                 dist.all_reduce(sums, group=self.mp_group)
             return sums.sum().sqrt()
         # with experts: a world sum counts each element once per replica of its buffer
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
-            copies = [_size(flat.group) for flat in self.flats]
+            copies = [self.dp, _size(self.expert_dp_group)]
             sums = sums / torch.tensor(copies, device=sums.device, dtype=sums.dtype)
         return sums.sum().sqrt()
 
