@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 from test_parallel import (
     HALF,
     TINY,
@@ -26,9 +28,11 @@ from test_parallel import (
     overrides,
 )
 
-from pretrain.checkpoint.format import CheckpointReader
+from pretrain.checkpoint.convert import convert_checkpoint
+from pretrain.checkpoint.format import KINDS, CheckpointReader
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.config import load_config
+from pretrain.model.sharding import expert_index
 from pretrain.trainer import train
 
 MOE = {
@@ -55,7 +59,7 @@ EP2 = {"parallel.expert_parallel": 2}
 LAYOUTS = {
     "ep2": (2, EP2, ["moe", "bias"]),
     "ep2xtp2": (4, {**EP2, "parallel.tensor_parallel": 2}, ["moe"]),
-    "ep2xpp2": (4, {**EP2, "parallel.pipeline_parallel": 2}, ["moe", "bias", "block"]),
+    "ep2xpp2": (4, {**EP2, "parallel.pipeline_parallel": 2}, ["bias", "block"]),
 }
 
 
@@ -69,19 +73,29 @@ def single(runtime, demo_data, tmp_path_factory):
     return runs
 
 
-@pytest.fixture(scope="module")
-def jobs(demo_data, tmp_path_factory):
-    results = {}
-    for layout, (nproc, extra, names) in LAYOUTS.items():
-        work = tmp_path_factory.mktemp(layout)
-        runs = [{"overrides": overrides(demo_data, work, n, **extra, **VARIANTS[n])} for n in names]
+class _Jobs(dict):
+    """One torchrun job per layout, launched when a test first asks for it (so `-k` selects)."""
+
+    def __init__(self, demo_data, tmp_path_factory):
+        super().__init__()
+        self.data, self.paths = demo_data, tmp_path_factory
+
+    def __missing__(self, layout):
+        nproc, extra, names = LAYOUTS[layout]
+        work = self.paths.mktemp(layout)
+        runs = [{"overrides": overrides(self.data, work, n, **extra, **VARIANTS[n])} for n in names]
         if layout == "ep2":  # interrupted at HALF: resumed at EP1 below
-            o = overrides(demo_data, work, "resume", **extra, **VARIANTS["moe"])
+            o = overrides(self.data, work, "resume", **extra, **VARIANTS["moe"])
             runs.append({"overrides": o, "stop_at": HALF})
             names = [*names, "resume"]
         done = launch(nproc, runs, work)
-        results[layout] = {"work": work, "runs": dict(zip(names, done, strict=True))}
-    return results
+        self[layout] = {"work": work, "runs": dict(zip(names, done, strict=True))}
+        return self[layout]
+
+
+@pytest.fixture(scope="module")
+def jobs(demo_data, tmp_path_factory):
+    return _Jobs(demo_data, tmp_path_factory)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -118,3 +132,23 @@ def test_checkpoint_from_ep2_resumes_at_ep1(single, jobs, demo_data):
     want = losses(single["moe"])
     assert_losses_close(losses(resumed), {s: want[s] for s in (4, 5, 6)})
     assert_params_close(resumed.checkpoint, single["moe"].checkpoint)
+
+
+def test_convert_splits_experts_over_expert_parallel_ranks(single, tmp_path):
+    """`dlm ckpt convert --ep 2 --tp 2`: EP rank r's files hold experts 2r, 2r+1 (TP-sliced),
+    dense tensors live on EP rank 0; converting back to one file gives the same tensors."""
+    src = single["moe"].checkpoint
+    out = convert_checkpoint(src, tmp_path / "ep2" / "checkpoints", tp=2, pp=1, ep=2)
+    for rank in range(4):
+        ep_rank = rank // 2
+        with safe_open(out / "shards" / f"rank-{rank:05d}.safetensors", "pt") as f:
+            names = {key.split("#")[0] for key in f}  # noqa: SIM118 - safe_open has no __iter__
+        experts = {expert_index(n) for n in names} - {None}
+        assert experts == {2 * ep_rank, 2 * ep_rank + 1}, (rank, experts)
+        assert any(expert_index(n) is None for n in names) == (ep_rank == 0)
+    back = convert_checkpoint(out, tmp_path / "ep1" / "checkpoints", tp=1, pp=1)
+    a, b = CheckpointReader(src), CheckpointReader(back)
+    assert a.names() == b.names() == CheckpointReader(out).names()
+    for name in a.names():
+        for kind in KINDS:
+            assert torch.equal(a.full(name, kind), b.full(name, kind)), name

@@ -31,8 +31,8 @@ recipe's loss) never has to know about them. Their values are kept for the metri
 
 Tensor parallelism: tokens are replicated over the TP ranks (no sequence parallelism), every
 TP rank routes them identically and holds a TP slice of every one of its experts (Megatron's
-expert linears skip their own TP communication), so the expert path enters through
-`copy_to_tensor_model_parallel_region` and leaves through one
+expert linears skip their own TP communication), so the expert path (tokens and routing
+probabilities) enters through `copy_to_tensor_model_parallel_region` and leaves through one
 `reduce_from_tensor_model_parallel_region`, as a dense MLP's linears do.
 """
 
@@ -239,6 +239,29 @@ class _AllToAll(torch.autograd.Function):
         return back, None, None, None
 
 
+class _SumGradients(torch.autograd.Function):
+    """Identity; the backward pass sums the gradient over `group`. Megatron's
+    `copy_to_tensor_model_parallel_region` does this too, but all-reduces `grad.contiguous()`
+    in place: for the probabilities' gradient, a transposed view, the sum lands in a copy and
+    is lost."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        if _group_size(ctx.group) > 1:
+            torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _group_size(group) -> int:
+    return torch.distributed.get_world_size(group) if group is not None else 1
+
+
 class ExpertDispatcher:
     """Token exchange between the expert-parallel ranks of an MoE layer.
 
@@ -326,7 +349,11 @@ class MoEBlock(MegatronModule):
     def forward(self, hidden: torch.Tensor, padding_mask=None, **kwargs):
         s, b, h = hidden.shape
         probs, routing_map = self.router(hidden)  # [N, E] each, N = s * b
+        # Each TP rank's experts see the gradient of their own slice's output only: both the
+        # tokens and the probabilities enter through the TP copy, whose backward sums them
+        # (the probabilities after their attached losses, which every TP rank holds whole).
         tokens = copy_to_tensor_model_parallel_region(hidden.reshape(s * b, h), group=self.tp_group)
+        probs = _SumGradients.apply(probs, self.tp_group)
         x, per_expert, x_probs = self.dispatcher.dispatch(tokens, probs, routing_map)
         out, _ = self.experts(x, per_expert, x_probs)  # TP-partial sums, probs applied
         out = self.dispatcher.combine(out)
@@ -377,6 +404,20 @@ def experts_kept(module: torch.nn.Module):
     with torch.no_grad():
         for p, value in zip(experts, kept, strict=True):
             p.copy_(value)
+
+
+def expert_biases(module: torch.nn.Module, named_buffers) -> list[tuple[str, torch.Tensor]]:
+    """The routers' expert-bias buffers among `named_buffers`, canonically named: training
+    state that is not a parameter, checkpointed (and loaded) with the weights."""
+    named = canonical_experts(module, named_buffers)
+    return [(name, b) for name, b in named if name.endswith(".expert_bias")]
+
+
+def model_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A single-device model's (canonical name, tensor) pairs a checkpoint fills: its
+    parameters and the routers' expert biases."""
+    params = canonical_experts(module, module.named_parameters())
+    return params + expert_biases(module, module.named_buffers())
 
 
 def set_router_grad_scale(module: torch.nn.Module, scale: float) -> None:

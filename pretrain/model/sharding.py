@@ -129,6 +129,16 @@ def canonical_expert_name(name: str, *, ep_rank: int, local_experts: int) -> str
     return f"{prefix}.{ep_rank * local_experts + int(local)}.{rest}"
 
 
+_EXPERT = re.compile(r"layers\.\d+\.mlp\.experts\.(\d+)\..+")
+
+
+def expert_index(name: str) -> int | None:
+    """The global index of the routed expert a canonical name belongs to (None: not an
+    expert's)."""
+    match = _EXPERT.fullmatch(name)
+    return None if match is None else int(match.group(1))
+
+
 def mark_tensor_parallel(named_params) -> None:
     """Set Megatron's tensor-parallel attributes on every parameter from its shard spec.
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from pretrain.model.inputs import ModelInputs
-from pretrain.model.moe import canonical_experts, update_expert_biases
+from pretrain.model.moe import canonical_experts, expert_biases, update_expert_biases
 from pretrain.parallel.runtime import Runtime
 
 # The caller's loss: (hidden [s, b, h] of the micro-batch, the model's head, the micro-batch)
@@ -106,13 +106,7 @@ class Engine:
     def canonical_buffers(self) -> list[tuple[str, torch.Tensor]]:
         """Training state that is not a parameter (the routers' expert biases), canonically
         named: checkpointed with the weights."""
-        return [
-            (name, b)
-            for name, b in canonical_experts(
-                self.ds.module, self._named(self.ds.module.named_buffers())
-            )
-            if name.endswith(".expert_bias")
-        ]
+        return expert_biases(self.ds.module, self._named(self.ds.module.named_buffers()))
 
     def _named(self, named):
         """This engine's module names -> canonical (single-device model) names."""

@@ -1,0 +1,223 @@
+"""Mixture-of-experts layers on one process: config checks, the MoE MLP against the exported
+plain-PyTorch one (routing and dispatch), router metrics in MLflow, the memory plan's counts,
+export with equal logits and upcycling a dense checkpoint.
+
+Tolerance of the logit comparisons: as tests/test_hf_export.py (1e-4 absolute, fp32; the
+exported model runs each expert on its tokens in another order of operations).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+from mlflow import MlflowClient
+
+from pretrain.checkpoint.format import CheckpointReader, load_weights
+from pretrain.config import ModelConfig, MoEConfig, load_config
+from pretrain.errors import ConfigError
+from pretrain.model.moe import model_tensors, moe_blocks
+from pretrain.model.moe_metrics import router_metrics
+from pretrain.parallel.memory import (
+    Layout,
+    active_parameters,
+    parameter_counts,
+    per_gpu_memory,
+    stage_parameter_split,
+)
+from pretrain.trainer import train
+
+TINY = REPO / "configs" / "tiny.yaml"
+LOGIT_ATOL = 1e-4
+VOCAB = 300
+MOE = {
+    "model.moe.num_experts": 4,
+    "model.moe.top_k": 2,
+    "model.moe.expert_ffn_hidden_size": 64,
+    "model.moe.aux_loss_coeff": 0.1,
+}
+# name -> overrides: every routing and expert option the exported modeling code must follow
+VARIANTS = {
+    "softmax-shared-gate": {
+        **MOE,
+        "model.moe.shared_expert_ffn_hidden_size": 32,
+        "model.moe.shared_expert_gate": True,
+        "model.moe.z_loss_coeff": 0.01,
+    },
+    "pre-softmax-top1": {**MOE, "model.moe.top_k": 1, "model.moe.pre_softmax": True},
+    "sigmoid-bias-every-other": {
+        **MOE,
+        "model.moe.score_function": "sigmoid",
+        "model.moe.expert_bias_update_rate": 0.1,
+        "model.moe.layer_frequency": 2,
+    },
+}
+
+
+def small(**moe) -> ModelConfig:
+    base = dict(hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=96)
+    return ModelConfig(**base, moe=MoEConfig(**{"num_experts": 4, "top_k": 2, **moe}))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.moe.num_experts": 4, "model.moe.top_k": 5}, "model.moe.top_k (5) must be in"),
+        ({"parallel.expert_parallel": 2}, "parallel.expert_parallel 2 needs routed experts"),
+        (
+            {"model.moe.num_experts": 3, "parallel.expert_parallel": 2},
+            "model.moe.num_experts (3) must be divisible by parallel.expert_parallel (2)",
+        ),
+        (
+            {"model.moe.num_experts": 4, "model.moe.expert_bias_update_rate": 0.1},
+            "needs model.moe.score_function 'sigmoid'",
+        ),
+        (
+            {**MOE, "parallel.expert_parallel": 2, "optim.master_weights": "deepspeed"},
+            "parallel.expert_parallel > 1 needs the fused optimizer",
+        ),
+    ],
+)
+def test_bad_moe_config_is_a_one_line_error(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [f"{k}={v}" for k, v in overrides.items()])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_router_metrics_count_what_the_routers_chose(runtime):
+    """The metrics equal the loads computed from the routing maps the layers returned; with a
+    capacity factor below 1 tokens are dropped, and the dropped share is what capacity cut."""
+    from pretrain.model.parallelize import build_model
+
+    model = build_model(
+        small(capacity_factor=0.5), vocab_size=VOCAB, mask_token_id=VOCAB - 1, seed=0
+    ).train()
+    maps = []
+    for block in moe_blocks(model):
+        real = block.router.routing
+
+        def record(logits, padding_mask=None, _real=real):
+            probs, routing_map = _real(logits)
+            maps.append(routing_map.detach())
+            return probs, routing_map
+
+        block.router.routing = record
+    tokens = torch.randint(0, VOCAB - 1, (4, 16), generator=torch.Generator().manual_seed(0))
+    model(tokens, targets=tokens).mean().backward()
+    got = router_metrics(model, 2, 4, count=True)
+    load = torch.stack([m.sum(0).double() for m in maps])  # [layers, E] kept assignments
+    share = load / load.sum(1, keepdim=True)
+    entropy = -(share * share.log()).sum(1) / math.log(4)
+    assert got["moe/expert_load_max"] == pytest.approx(float(share.max() * 4))
+    assert got["moe/expert_load_min"] == pytest.approx(float(share.min() * 4))
+    assert got["moe/expert_load_entropy"] == pytest.approx(float(entropy.mean()))
+    routed = 2 * 4 * 16 * 2  # layers x tokens x top-k
+    assert got["moe/dropped_fraction"] == pytest.approx(1 - float(load.sum()) / routed)
+    assert got["moe/dropped_fraction"] > 0.1
+    assert got["moe/load_balancing_loss"] > 0
+    assert router_metrics(model, 2, 4, count=True) == {}  # read once: the window starts anew
+
+
+def test_memory_plan_counts_the_built_moe_model(runtime):
+    from pretrain.model.parallelize import build_model
+
+    cfg = small(shared_expert_ffn_hidden_size=32, shared_expert_gate=True, layer_frequency=2)
+    model = build_model(cfg, vocab_size=VOCAB, mask_token_id=VOCAB - 1, seed=0)
+    counts = parameter_counts(cfg, VOCAB)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    ((dense, routed),) = stage_parameter_split(cfg, VOCAB, tp=1, pp=1)
+    assert (dense, routed) == (counts["total"] - experts, experts)
+    ((_, routed_ep2),) = stage_parameter_split(cfg, VOCAB, tp=1, pp=1, ep=2)
+    assert routed_ep2 == experts // 2
+    per_expert = experts // 4
+    assert active_parameters(cfg, VOCAB) == counts["total"] - 2 * per_expert  # top-2 of 4
+    # EP spreads the experts: less memory per GPU at the same data-parallel size
+    ep1 = per_gpu_memory(cfg, VOCAB, Layout(1, 1, 4, zero_stage=0, seq_len=32))
+    ep4 = per_gpu_memory(cfg, VOCAB, Layout(1, 1, 4, zero_stage=0, seq_len=32, ep=4))
+    assert ep1.params - ep4.params == 2 * (experts - experts // 4)  # bf16 weights
+    with pytest.raises(ConfigError, match="must divide the data-parallel size"):
+        per_gpu_memory(cfg, VOCAB, Layout(1, 1, 2, seq_len=32, ep=4))
+
+
+@pytest.fixture(scope="module")
+def trained(runtime, demo_data, tmp_path_factory):
+    """A 4-step tracked run per variant (the last steps move the expert biases) + its export."""
+    from pretrain.hf.export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("moe")
+    uri = f"sqlite:///{out}/mlflow.db"
+    runs = {}
+    for name, extra in VARIANTS.items():
+        o = tiny_overrides(
+            demo_data,
+            out,
+            name,
+            **{
+                "train.steps": 4,
+                "train.checkpoint_interval": 4,
+                "train.log_interval": 2,
+                "tracking.enabled": True,
+                "tracking.uri": uri,
+                **extra,
+            },
+        )
+        cfg = load_config(TINY, o)
+        result = train(cfg)
+        runs[name] = {
+            "cfg": cfg,
+            "result": result,
+            "hf": export_checkpoint(result.checkpoint, out / name / "hf"),
+        }
+    return {"runs": runs, "uri": uri}
+
+
+def ours(cfg, checkpoint: Path):
+    from pretrain.model.parallelize import build_model
+
+    manifest = json.loads((Path(cfg.data.path) / "manifest.json").read_text())
+    tok = manifest["tokenizer"]
+    net = build_model(cfg.model, vocab_size=tok["vocab_size"], mask_token_id=tok["mask_id"])
+    load_weights(CheckpointReader(checkpoint), model_tensors(net), tp_rank=0, tp_size=1)
+    return net.eval(), tok
+
+
+def logits_of(net, hf_dir, tok):
+    from transformers import AutoModelForMaskedLM
+
+    hf = AutoModelForMaskedLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    tokens = torch.randint(
+        0, tok["vocab_size"], (3, 32), generator=torch.Generator().manual_seed(0)
+    )
+    tokens[:, ::3] = tok["mask_id"]
+    with torch.no_grad():
+        return net(tokens), hf(input_ids=tokens).logits
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_exported_moe_logits_equal_ours(trained, variant):
+    run = trained["runs"][variant]
+    net, tok = ours(run["cfg"], run["result"].checkpoint)
+    if "bias" in variant:  # the auxiliary-loss-free balancing moved the biases: they matter
+        assert any(b.router.expert_bias.abs().sum() > 0 for b in moe_blocks(net))
+    want, got = logits_of(net, run["hf"], tok)
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))
+    assert (got[finite] - want[finite]).abs().max() <= LOGIT_ATOL
+
+
+def test_router_metrics_reach_mlflow(trained):
+    run = trained["runs"]["softmax-shared-gate"]["result"]
+    client = MlflowClient(tracking_uri=trained["uri"])
+    for key in ("expert_load_max", "expert_load_min", "expert_load_entropy", "dropped_fraction",
+                "load_balancing_loss", "z_loss"):  # fmt: skip
+        history = client.get_metric_history(run.run_id, f"moe/{key}")
+        assert [m.step for m in history] == [2, 4], key
+    entropy = client.get_metric_history(run.run_id, "moe/expert_load_entropy")[-1].value
+    assert 0 < entropy <= 1
+    lb = client.get_metric_history(run.run_id, "moe/load_balancing_loss")[-1].value
+    assert 0 < lb < 1  # coefficient 0.1 x 2 layers x about 1 (1 = balanced)
