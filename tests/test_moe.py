@@ -54,6 +54,7 @@ VARIANTS = {
         "model.moe.score_function": "sigmoid",
         "model.moe.expert_bias_update_rate": 0.1,
         "model.moe.layer_frequency": 2,
+        "train.steps": 3,  # odd: the +-rate moves of the biases cannot cancel to 0
     },
 }
 
@@ -163,7 +164,7 @@ def trained(runtime, demo_data, tmp_path_factory):
                 "train.log_interval": 2,
                 "tracking.enabled": True,
                 "tracking.uri": uri,
-                **extra,
+                **extra,  # may shorten the run
             },
         )
         cfg = load_config(TINY, o)
@@ -221,3 +222,70 @@ def test_router_metrics_reach_mlflow(trained):
     assert 0 < entropy <= 1
     lb = client.get_metric_history(run.run_id, "moe/load_balancing_loss")[-1].value
     assert 0 < lb < 1  # coefficient 0.1 x 2 layers x about 1 (1 = balanced)
+
+
+def test_upcycled_moe_starts_as_the_dense_model(runtime, demo_data, tmp_path):
+    """A dense checkpoint as `train.init_from` of an MoE run: every expert a copy of the dense
+    MLP, so logits equal the dense model's and the first step's loss is the dense run's."""
+    from pretrain.model.parallelize import build_model
+    from pretrain.model.upcycle import UpcycledReader, open_init_checkpoint
+
+    base = {"train.steps": 2, "train.checkpoint_interval": 2}
+    dense = train(load_config(TINY, tiny_overrides(demo_data, tmp_path, "dense", **base)))
+    moe = {**MOE, "model.moe.expert_ffn_hidden_size": "null", "model.moe.aux_loss_coeff": 0}
+    init = {**base, "train.init_from": str(dense.checkpoint)}
+    cfgs = {
+        "dense": load_config(TINY, tiny_overrides(demo_data, tmp_path, "d2", **init)),
+        "moe": load_config(TINY, tiny_overrides(demo_data, tmp_path, "m2", **init, **moe)),
+    }
+    reader = open_init_checkpoint(dense.checkpoint, cfgs["moe"], verify=True)
+    assert isinstance(reader, UpcycledReader)
+    manifest = json.loads((demo_data / "manifest.json").read_text())["tokenizer"]
+    nets = {}
+    for name, cfg in cfgs.items():
+        net = build_model(cfg.model, vocab_size=manifest["vocab_size"], mask_token_id=0)
+        source = reader if name == "moe" else CheckpointReader(dense.checkpoint)
+        load_weights(source, model_tensors(net), tp_rank=0, tp_size=1)
+        nets[name] = net.eval()
+    assert len(moe_blocks(nets["moe"])) == 2
+    tokens = torch.randint(0, manifest["vocab_size"], (2, 32), generator=torch.Generator())
+    with torch.no_grad():
+        want, got = nets["dense"](tokens), nets["moe"](tokens)
+    finite = torch.isfinite(want)
+    assert (got[finite] - want[finite]).abs().max() <= 1e-5
+    first = {name: train(cfg).losses[1] for name, cfg in cfgs.items()}
+    assert abs(first["moe"] - first["dense"]) <= 1e-5, first
+    narrow = load_config(TINY, tiny_overrides(demo_data, tmp_path, "n", **init, **MOE))
+    with pytest.raises(ConfigError, match=r"expert_ffn_hidden_size \(64\) equal to"):
+        open_init_checkpoint(dense.checkpoint, narrow, verify=False)
+
+
+def test_llada_moe_preset_has_the_published_size():
+    model = load_config(REPO / "configs" / "llada-moe-7b.yaml").model
+    total = parameter_counts(model, 157184)["total"]
+    active = active_parameters(model, 157184)
+    assert 7.0e9 < total < 7.6e9, f"{total:,}"
+    assert 1.5e9 < active < 1.9e9, f"{active:,}"  # 1.07B without embedding and head
+
+
+@pytest.mark.slow
+def test_moe_benchmark_script_runs_on_cpu(demo_data, tmp_path):
+    """bench/moe_step.py's logic with a toy model on CPU (the GPU run is the lead's)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "moe.jsonl"
+    cmd = [
+        sys.executable, str(REPO / "bench" / "moe_step.py"), "--device", "cpu",
+        "--config", str(TINY), "--seq", "32", "--micro-batch", "2", "--steps", "1",
+        "--warmup", "1", "--experts", "4", "--top-k", "2", "--expert-ffn", "32",
+        "--data", str(demo_data), "--no-profile", "--modes", "dense,moe", "--out", str(out),
+    ]  # fmt: skip
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dense, moe = (json.loads(line) for line in out.read_text().splitlines())
+    assert dense["tokens_per_s"] > 0 and moe["tokens_per_s"] > 0
+    assert moe["params"] > dense["params"]  # 4 experts of 32 vs one SwiGLU of 2 x 32
+    # the same active work per token but the router's (and the masked fractions' difference)
+    assert abs(moe["active_flops_per_token"] / dense["active_flops_per_token"] - 1) < 0.05

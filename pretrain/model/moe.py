@@ -61,6 +61,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+from torch.profiler import record_function
 
 # Per-layer statistics a router accumulates between two metric reads, in this order:
 # routed assignments per expert (E values), then these scalars.
@@ -348,16 +349,23 @@ class MoEBlock(MegatronModule):
 
     def forward(self, hidden: torch.Tensor, padding_mask=None, **kwargs):
         s, b, h = hidden.shape
-        probs, routing_map = self.router(hidden)  # [N, E] each, N = s * b
-        # Each TP rank's experts see the gradient of their own slice's output only: both the
-        # tokens and the probabilities enter through the TP copy, whose backward sums them
-        # (the probabilities after their attached losses, which every TP rank holds whole).
-        tokens = copy_to_tensor_model_parallel_region(hidden.reshape(s * b, h), group=self.tp_group)
-        probs = _SumGradients.apply(probs, self.tp_group)
-        x, per_expert, x_probs = self.dispatcher.dispatch(tokens, probs, routing_map)
-        out, _ = self.experts(x, per_expert, x_probs)  # TP-partial sums, probs applied
-        out = self.dispatcher.combine(out)
-        out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group).view(s, b, h)
+        # the ranges name the stages in profiles (bench/moe_step.py); nearly free otherwise
+        with record_function("moe/router"):
+            probs, routing_map = self.router(hidden)  # [N, E] each, N = s * b
+        with record_function("moe/dispatch"):
+            # Each TP rank's experts see the gradient of their own slice's output only: both
+            # the tokens and the probabilities enter through the TP copy, whose backward sums
+            # them (the probabilities after their attached losses, whole on every TP rank).
+            flat = hidden.reshape(s * b, h)
+            tokens = copy_to_tensor_model_parallel_region(flat, group=self.tp_group)
+            probs = _SumGradients.apply(probs, self.tp_group)
+            x, per_expert, x_probs = self.dispatcher.dispatch(tokens, probs, routing_map)
+        with record_function("moe/experts"):
+            out, _ = self.experts(x, per_expert, x_probs)  # TP-partial sums, probs applied
+        with record_function("moe/combine"):
+            out = self.dispatcher.combine(out)
+            out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+            out = out.view(s, b, h)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return out, None
