@@ -1,13 +1,15 @@
 """Mixture-of-experts models under expert parallelism: the same run as one process.
 
 Real torchrun jobs on gloo (tests/test_parallel.py's helpers and tolerances: losses over 6
-steps within 1e-5, final parameters within 1e-4): EP2 (over DP2, ZeRO-1 with the fused
-optimizer), EP2 x TP2 and EP2 x PP2 (masked and block diffusion), each against one process of
+steps within 1e-5, final parameters within 1e-4): EP2 over DP4 (ZeRO-1 with the fused
+optimizer, sharding the experts over their two expert-data-parallel ranks), EP2 x TP2 and
+EP2 x PP2 (masked and block diffusion; DP2, so one rank per expert), each against one process of
 the same config and seed whose micro-batch holds the same global batch. The MoE model routes
 top-2 of 4 experts with a shared expert, the load-balancing loss and the z-loss on; a second
 variant balances with the auxiliary-loss-free expert bias (sigmoid scores) and puts experts in
-every other layer only (so under PP2 one stage holds no experts). A checkpoint written at EP2
-resumes in one process (EP1) as the uninterrupted run continues.
+every other layer only (so under PP2 one stage holds no experts). A checkpoint written at EP2 x DP4
+resumes in one process (EP1) as the uninterrupted run continues, and `ckpt convert --ep`
+places each expert on its EP rank's files.
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ VARIANTS: dict[str, dict] = {
     "block": {**MOE, "diffusion.objective": "block", "diffusion.block_length": 8},
 }
 EP2 = {"parallel.expert_parallel": 2}
-# layout -> (processes, overrides, variants run there); every layout has DP2 (micro-batch 4)
+# layout -> (processes, overrides, variants run there, micro-batch): every global batch is 8.
+# ep2-dp4: two expert-data-parallel ranks per expert, so ZeRO-1 shards the experts' buffer too.
 LAYOUTS = {
-    "ep2": (2, EP2, ["moe", "bias"]),
-    "ep2xtp2": (4, {**EP2, "parallel.tensor_parallel": 2}, ["moe"]),
-    "ep2xpp2": (4, {**EP2, "parallel.pipeline_parallel": 2}, ["bias", "block"]),
+    "ep2-dp4": (4, EP2, ["moe"], 2),
+    "ep2xtp2": (4, {**EP2, "parallel.tensor_parallel": 2}, ["moe"], 4),
+    "ep2xpp2": (4, {**EP2, "parallel.pipeline_parallel": 2}, ["bias", "block"], 4),
 }
 
 
@@ -81,11 +84,14 @@ class _Jobs(dict):
         self.data, self.paths = demo_data, tmp_path_factory
 
     def __missing__(self, layout):
-        nproc, extra, names = LAYOUTS[layout]
+        nproc, extra, names, micro = LAYOUTS[layout]
         work = self.paths.mktemp(layout)
-        runs = [{"overrides": overrides(self.data, work, n, **extra, **VARIANTS[n])} for n in names]
-        if layout == "ep2":  # interrupted at HALF: resumed at EP1 below
-            o = overrides(self.data, work, "resume", **extra, **VARIANTS["moe"])
+        runs = [
+            {"overrides": overrides(self.data, work, n, micro, **extra, **VARIANTS[n])}
+            for n in names
+        ]
+        if layout == "ep2-dp4":  # interrupted at HALF: resumed at EP1 below
+            o = overrides(self.data, work, "resume", micro, **extra, **VARIANTS["moe"])
             runs.append({"overrides": o, "stop_at": HALF})
             names = [*names, "resume"]
         done = launch(nproc, runs, work)
@@ -107,7 +113,7 @@ def test_expert_parallel_layouts_equal_one_process(single, jobs, layout):
 
 
 def test_experts_are_stored_by_global_index(jobs):
-    reader = CheckpointReader(Path(jobs["ep2"]["runs"]["moe"]["checkpoint"]))
+    reader = CheckpointReader(Path(jobs["ep2-dp4"]["runs"]["moe"]["checkpoint"]))
     experts = {n for n in reader.names() if ".mlp.experts." in n}
     assert experts == {
         f"layers.{i}.mlp.experts.{e}.linear_fc{k}.weight"
@@ -121,8 +127,8 @@ def test_variants_differ_so_the_comparison_means_something(single):
 
 
 def test_checkpoint_from_ep2_resumes_at_ep1(single, jobs, demo_data):
-    work = jobs["ep2"]["work"]
-    assert sorted(losses(jobs["ep2"]["runs"]["resume"])) == [1, 2, 3]
+    work = jobs["ep2-dp4"]["work"]
+    assert sorted(losses(jobs["ep2-dp4"]["runs"]["resume"])) == [1, 2, 3]
     shutil.copytree(work / "resume", work / "ep1")
     ckpts = CheckpointManager(work / "ep1" / "checkpoints", keep_last=9)
     for later in [p for p in ckpts.complete_checkpoints() if p.name != "step_00000003"]:
@@ -142,7 +148,7 @@ def test_convert_splits_experts_over_expert_parallel_ranks(single, tmp_path):
     for rank in range(4):
         ep_rank = rank // 2
         with safe_open(out / "shards" / f"rank-{rank:05d}.safetensors", "pt") as f:
-            names = {key.split("#")[0] for key in f}  # noqa: SIM118 - safe_open has no __iter__
+            names = {key.split("#")[0] for key in f.keys()}  # noqa: SIM118 - not iterable
         experts = {expert_index(n) for n in names} - {None}
         assert experts == {2 * ep_rank, 2 * ep_rank + 1}, (rank, experts)
         assert any(expert_index(n) is None for n in names) == (ep_rank == 0)
