@@ -81,6 +81,7 @@ def small(**moe) -> ModelConfig:
             {**MOE, "parallel.expert_parallel": 2, "optim.master_weights": "deepspeed"},
             "parallel.expert_parallel > 1 needs the fused optimizer",
         ),
+        ({**MOE, "model.fp8": "tensorwise"}, "model.moe with model.fp8 is not supported"),
     ],
 )
 def test_bad_moe_config_is_a_one_line_error(overrides, message):
@@ -289,3 +290,25 @@ def test_moe_benchmark_script_runs_on_cpu(demo_data, tmp_path):
     assert moe["params"] > dense["params"]  # 4 experts of 32 vs one SwiGLU of 2 x 32
     # the same active work per token but the router's (and the masked fractions' difference)
     assert abs(moe["active_flops_per_token"] / dense["active_flops_per_token"] - 1) < 0.05
+
+
+def test_activation_checkpointing_recomputes_the_same_moe_step(runtime, demo_data, tmp_path):
+    """Recomputed MoE layers (in backward) route, dispatch and attach their losses again
+    without counting twice: the run equals the one that keeps activations, expert bias too."""
+    extra = {**VARIANTS["sigmoid-bias-every-other"], "model.moe.z_loss_coeff": 0.01}
+    runs = {
+        ckpt: train(
+            load_config(
+                TINY,
+                tiny_overrides(
+                    demo_data, tmp_path, f"ckpt-{ckpt}",
+                    **{**extra, "model.activation_checkpointing": ckpt},
+                ),
+            )
+        )
+        for ckpt in (False, True)
+    }  # fmt: skip
+    assert runs[True].losses == pytest.approx(runs[False].losses, abs=1e-6)
+    a, b = (CheckpointReader(r.checkpoint) for r in runs.values())
+    for name in a.names():
+        assert torch.allclose(a.full(name), b.full(name), atol=1e-6), name
