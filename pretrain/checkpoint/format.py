@@ -75,14 +75,8 @@ def capture_rank_shard(
     for i, (name, param) in enumerate(named_params):
         state = get_param_state(ds, param)  # every rank of its group takes part, owner or not
         replicated = shard_spec(name).dim is None
-        rank, size = (
-            (edp_rank, edp_size)
-            if getattr(param, "expert_parallel", False)
-            else (
-                dp_rank,
-                dp_size,
-            )
-        )
+        expert = getattr(param, "expert_parallel", False)
+        rank, size = (edp_rank, edp_size) if expert else (dp_rank, dp_size)
         if i % size != rank or (replicated and tp_rank != 0):
             continue
         for kind in KINDS:
