@@ -312,3 +312,12 @@ def test_activation_checkpointing_recomputes_the_same_moe_step(runtime, demo_dat
     a, b = (CheckpointReader(r.checkpoint) for r in runs.values())
     for name in a.names():
         assert torch.allclose(a.full(name), b.full(name), atol=1e-6), name
+
+
+def test_plan_prints_experts_per_gpu_and_dispatch_buffers(capsys):
+    from launcher.cli import main
+
+    main(["plan", str(REPO / "configs" / "llada-moe-7b.yaml"), "--layout", "1x1x16:1/8"])
+    out = capsys.readouterr().out
+    assert "| llada-moe-7b | 1x1x16/8 | 16 |" in out
+    assert "1x1x16/8: 8 experts per GPU per layer, all-to-all buffers 0.50 GiB" in out

@@ -395,6 +395,31 @@ def run_plan(args: argparse.Namespace) -> int:
         "\nPer GPU on the heaviest pipeline stage. Weights/grads/optimizer are exact for this "
         "model; activations are estimates (no allocator overhead, temporaries or fragmentation)."
     )
+    if cfg.model.moe.enabled:
+        print(moe_notes(cfg.model, vocab, [layout for _, layout, _ in rows]))
     for note in notes:
         print(note)
     return 0
+
+
+def moe_notes(model: ModelConfig, vocab_size: int, layouts: list[Layout]) -> str:
+    """Experts per GPU and the all-to-all buffers of each layout, for the plan's footer."""
+    moe = model.moe
+    total, active = (
+        parameter_counts(model, vocab_size)["total"],
+        active_parameters(model, vocab_size),
+    )
+    lines = [
+        f"MoE: {moe.num_experts} experts per MoE layer, top-{moe.top_k}; "
+        f"{_count(total)} parameters, {_count(active)} active per token"
+    ]
+    for lay in layouts:
+        e = 2 if lay.precision == "bf16" else 4
+        _, dispatch = moe_layer_activation_bytes(
+            model, lay.micro_batch_size, lay.seq_len, lay.tp, e
+        )
+        lines.append(
+            f"  {lay.name}: {moe.num_experts // lay.ep} experts per GPU per layer, all-to-all "
+            f"buffers {dispatch / GiB:.2f} GiB (transient, one layer at a time; balanced routing)"
+        )
+    return "\n".join(lines)
