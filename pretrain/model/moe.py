@@ -191,6 +191,8 @@ class Router(TopKRouter):
             self.stats.data = self.stats.data.double()
         kept = routing_map.sum(dim=0).to(torch.float64)  # [E]
         if self.enable_expert_bias:
+            if self.local_tokens_per_expert.dtype != torch.float32:  # bf16 counts are inexact
+                self.local_tokens_per_expert.data = self.local_tokens_per_expert.data.float()
             self.local_tokens_per_expert += kept.float()
         zero = torch.zeros((), dtype=torch.float64, device=kept.device)
         scalars = torch.stack(
