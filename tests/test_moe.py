@@ -1,6 +1,7 @@
 """Mixture-of-experts layers on one process: config checks, the MoE MLP against the exported
 plain-PyTorch one (routing and dispatch), router metrics in MLflow, the memory plan's counts,
-export with equal logits and upcycling a dense checkpoint.
+export with equal logits, upcycling a dense checkpoint (ours, or an imported causal LM),
+activation checkpointing and the benchmark script on CPU.
 
 Tolerance of the logit comparisons: as tests/test_hf_export.py (1e-4 absolute, fp32; the
 exported model runs each expert on its tokens in another order of operations).
@@ -321,3 +322,32 @@ def test_plan_prints_experts_per_gpu_and_dispatch_buffers(capsys):
     out = capsys.readouterr().out
     assert "| llada-moe-7b | 1x1x16/8 | 16 |" in out
     assert "1x1x16/8: 8 experts per GPU per layer, all-to-all buffers 0.50 GiB" in out
+
+
+def test_causal_lm_upcycles_to_moe(runtime, tmp_path):
+    """AR -> MoE: a Llama imported with `dlm import`, upcycled (every expert = its MLP), run with
+    a causal mask, gives the Llama's logits."""
+    import dataclasses
+
+    from test_hf_import import SEQ, assert_logits_match, save_llama, yaml_config
+    from test_hf_import import VOCAB as LLAMA_VOCAB
+
+    from pretrain.hf.import_ar import import_causal_lm
+    from pretrain.model.parallelize import build_model
+    from pretrain.model.upcycle import UpcycledReader
+
+    llama = save_llama(tmp_path / "llama", tokenizer=False)
+    ckpt = import_causal_lm(tmp_path / "llama", tmp_path / "imported")
+    cfg = yaml_config(ckpt)
+    moe = MoEConfig(num_experts=4, top_k=2, aux_loss_coeff=0.0)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
+    net = build_model(cfg.model, vocab_size=cfg.model.vocab_size, mask_token_id=LLAMA_VOCAB)
+    reader = UpcycledReader(CheckpointReader(ckpt), cfg)
+    load_weights(reader, model_tensors(net), tp_rank=0, tp_size=1)
+    assert len(moe_blocks(net)) == 2
+    tokens = torch.randint(0, LLAMA_VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+    with torch.no_grad():
+        want = llama(input_ids=tokens).logits
+        got = net.eval()(tokens, attention_mask=causal)
+    assert_logits_match(got, want)
