@@ -11,6 +11,7 @@
 #   bash bench/gpu.sh flash-wait LOG SECS   wait up to SECS for the build, then install its wheel
 #                                           into SITE (exit 1 if it is not there by then)
 #   bash bench/gpu.sh bench OUT [ARGS...]   bench/train_step.py with ARGS, JSON lines to OUT
+#   bash bench/gpu.sh moe OUT [ARGS...]     bench/moe_step.py (MoE vs dense of equal active size)
 #   bash bench/gpu.sh convergence DATA OUT [ARGS...]
 #                                           experiments/fp8_convergence.py on shards DATA
 #
@@ -73,13 +74,18 @@ bench)
     shift 2
     python3 bench/train_step.py --out "$out" "$@"
     ;;
+moe)
+    out=$2
+    shift 2
+    python3 bench/moe_step.py --out "$out" "$@"
+    ;;
 convergence)
     data=$2 out=$3
     shift 3
     python3 experiments/fp8_convergence.py --data "$data" --out "$out" "$@"
     ;;
 *)
-    sed -n '2,18p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
     ;;
 esac

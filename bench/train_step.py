@@ -403,25 +403,49 @@ def row(mode: str, r: dict) -> str:
     )
 
 
+def add_step_arguments(p, config: str, *, micro_batch: int, warmup: int, steps: int, docs: int):
+    """The options every one-GPU step benchmark takes (this script's, bench/moe_step.py's)."""
+    p.add_argument("--config", default=config)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=micro_batch)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--set", action="append", default=[], help="config override (key=value)")
+    p.add_argument("--data", default=None, help="shard directory (built if missing)")
+    p.add_argument("--documents", type=int, default=docs, help="demo documents if building")
+    p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="cpu: checks the script only"
+    )
+
+
+def run_child(script: str, mode: str) -> tuple[dict, subprocess.CompletedProcess]:
+    """`script` with this process's arguments, for one mode in a fresh process (no memory or
+    compile caches inherited): its RESULT record, or an error."""
+    cmd = [sys.executable, script, *sys.argv[1:], "--modes", mode, "--child"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    result = json.loads(lines[-1][7:]) if lines else {"error": f"exit {proc.returncode}"}
+    return result, proc
+
+
+def report_child(runner) -> None:
+    """In the child process: run one mode and print its RESULT line (an error is reported as a
+    result, so the parent goes on with the next mode)."""
+    try:
+        result = runner()
+    except Exception as exc:
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", default="configs/llada-1b.yaml")
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=6)
-    p.add_argument("--steps", type=int, default=20)
+    add_step_arguments(p, "configs/llada-1b.yaml", micro_batch=8, warmup=6, steps=20, docs=20000)
     p.add_argument("--modes", default="check,reference,ours,ours+compile")
-    p.add_argument(
-        "--set", action="append", default=[], help="config override for ours (key=value)"
-    )
-    p.add_argument("--data", default=None, help="shard directory (built if missing)")
-    p.add_argument("--documents", type=int, default=20000, help="demo documents if building")
-    p.add_argument("--no-profile", dest="profile", action="store_false")
-    p.add_argument(
-        "--device", choices=("cuda", "cpu"), default="cuda", help="cpu: checks this script only"
-    )
     p.add_argument("--sync-debug", action="store_true", help="list host syncs of one step")
     p.add_argument(
         "--sync-trace", action="store_true", help="print the stack of the first host sync in a step"
@@ -432,12 +456,7 @@ def main() -> None:
     a = p.parse_args()
     a.data = a.data or f"data/bench-demo-{a.seq}"
     if a.child:
-        try:
-            result = RUNNERS[a.modes](a)
-        except Exception as exc:  # report; the parent goes on with the next mode
-            traceback.print_exc()
-            result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-        print("RESULT " + json.dumps(result), flush=True)
+        report_child(lambda: RUNNERS[a.modes](a))
         return
     ensure_data(a)
     if a.device == "cuda":
@@ -456,10 +475,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for mode in a.modes.split(","):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--modes", mode, "--child"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        result = json.loads(lines[-1][7:]) if lines else {"error": f"exit {proc.returncode}"}
+        result, proc = run_child(__file__, mode)
         if "error" in result:
             print(proc.stdout[-1500:], proc.stderr[-3000:], flush=True)
         else:  # the kernel list, and the host time to fetch and corrupt a batch

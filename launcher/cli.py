@@ -5,10 +5,10 @@
     dlm data subset DIR --out DIR --max-mb MB         the first shards of a dataset, within a budget
     dlm train CONFIG [key.sub=value ...]              train (resumes the run's latest checkpoint)
     dlm launch CONFIG [--mode local|node|slurm] ...   torchrun here, on several nodes, or sbatch
-    dlm plan CONFIG [--layout TPxPPxDP[:ZERO]] ...    per-GPU memory table for parallel layouts
+    dlm plan CONFIG [--layout TPxPPxDP[:ZERO][/EP]] ...  per-GPU memory table for parallel layouts
     dlm probe CKPT --prompts P.jsonl --out DIR        information-decay probe (JSON + PNG)
     dlm generate CKPT --prompt TEXT ...               sample with the objective's own decoder
-    dlm ckpt convert CKPT --out DIR --tp T --pp P     re-shard a checkpoint for another layout
+    dlm ckpt convert CKPT --out DIR --tp T --pp P [--ep E]  re-shard a checkpoint for another layout
     dlm export CKPT OUT_DIR [--dtype D]               checkpoint -> Hugging Face model directory
     dlm import HF_DIR OUT_DIR                         HF Llama/Qwen2 causal LM -> our weights
     dlm config show CONFIG [key.sub=value ...]        print the resolved config as YAML

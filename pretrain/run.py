@@ -28,6 +28,7 @@ from pretrain.config import Config
 from pretrain.diffusion.corruption import CorruptionKey
 from pretrain.diffusion.recipe import Recipe, StepBatch, build_recipe
 from pretrain.errors import DataError
+from pretrain.model.upcycle import open_init_checkpoint
 from pretrain.parallel.build import build_engine
 from pretrain.parallel.engine import Engine
 from pretrain.parallel.runtime import Runtime, init_runtime
@@ -196,12 +197,11 @@ def build_run(cfg: Config, *, resume: bool | None = None) -> Run:
     resume = cfg.train.resume == "auto" if resume is None else resume
     verify = cfg.train.verify_checkpoints
     resume_from, note = ckpts.resume_point(verify=verify) if resume else (None, None)
-    layers = cfg.model.num_layers
     # the resume point was verified just now; `init_from` is verified when opened
-    reader = open_checkpoint(resume_from, num_layers=layers, verify=False) if resume_from else None
+    reader = open_checkpoint(resume_from, model=cfg.model, verify=False) if resume_from else None
     init_from = cfg.train.init_from if not reader else None  # weights only, e.g. AR -> DLM
-    weights = reader or (
-        open_checkpoint(Path(init_from), num_layers=layers, verify=verify) if init_from else None
+    weights = reader or (  # a dense checkpoint for an MoE model: upcycled
+        open_init_checkpoint(Path(init_from), cfg, verify=verify) if init_from else None
     )
     engine = build_engine(
         cfg,

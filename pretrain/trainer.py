@@ -110,6 +110,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
                 logged = recipe.summarize(window.means())
                 logged["tokens_per_s"] = data.global_tokens_per_step / logged["step_time_s"]
                 logged["lr"] = engine.lr
+                logged.update(engine.router_metrics())  # MoE: expert load, router losses
                 logged.update(data.metrics())
                 if (grad_norm := engine.grad_norm) is not None:
                     logged["grad_norm"] = grad_norm

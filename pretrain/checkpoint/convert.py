@@ -1,10 +1,13 @@
-"""`dlm ckpt convert`: re-shard a checkpoint for another tensor/pipeline layout, offline.
+"""`dlm ckpt convert`: re-shard a checkpoint for another tensor/pipeline/expert layout, offline.
 
     dlm ckpt convert runs/big/checkpoints/step_00001000 --tp 1 --pp 1 --out runs/small/checkpoints
+    dlm ckpt convert runs/moe/checkpoints/step_00001000 --tp 2 --pp 1 --ep 4 --out ...
 
 The trainer can resume any checkpoint in any layout (it re-slices on load), so conversion is not
 required to change layouts; it writes, ahead of time, the files a target layout reads, one per
-(pipeline stage, TP rank), as DeepSpeed would partition the layers. `--tp 1 --pp 1` gives a
+(pipeline stage, expert-parallel rank, TP rank), as DeepSpeed would partition the layers; with
+`--ep`, the routed experts of an MoE model (named by their global index) are split over the
+expert-parallel ranks as training holds them. `--tp 1 --pp 1` gives a
 consolidated single-file checkpoint (what export reads). The result is a complete checkpoint
 (marker, `latest`), with the config's parallel sizes set to the target layout; optimizer state,
 step, LR schedule and data position carry over unchanged, so training continues where it was.
@@ -32,7 +35,7 @@ from pretrain.checkpoint.records import write_record
 from pretrain.config.loader import from_dict, load_yaml_text
 from pretrain.config.schema import Config
 from pretrain.errors import CheckpointError
-from pretrain.model.sharding import shard_spec
+from pretrain.model.sharding import expert_index, shard_spec
 from pretrain.parallel.topology import Topology
 
 
@@ -59,9 +62,16 @@ def stage_names(names: set[str], num_layers: int, pp: int) -> list[list[str]]:
 
 
 def convert_checkpoint(
-    src: str | Path, out_dir: str | Path, *, tp: int, pp: int, verify: bool = True
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    tp: int,
+    pp: int,
+    ep: int = 1,
+    verify: bool = True,
 ) -> Path:
-    """Write `src` re-sharded for TP=`tp` x PP=`pp` as `<out_dir>/<step tag>`; update `latest`.
+    """Write `src` re-sharded for TP=`tp` x PP=`pp` (x EP=`ep`) as `<out_dir>/<step tag>`;
+    update `latest`.
     `verify=False` skips the content hashes of `src` (file set and sizes are still checked)."""
     src, out_dir = Path(src), Path(out_dir)
     verify_checkpoint(src, hashes=verify)
@@ -69,10 +79,13 @@ def convert_checkpoint(
     if not config_file.is_file():
         raise CheckpointError(f"{src}: no config.yaml; cannot tell the model it holds")
     data = load_yaml_text(config_file.read_text(), str(config_file))
-    data.setdefault("parallel", {}).update(tensor_parallel=tp, pipeline_parallel=pp)
+    data.setdefault("parallel", {}).update(
+        tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep
+    )
     cfg: Config = from_dict(Config, data, source=str(config_file))
     cfg.validate()
-    Topology(tp=tp, pp=pp, dp=1).validate(cfg.model, zero_stage=cfg.parallel.zero_stage)
+    topo = Topology(tp=tp, pp=pp, dp=ep, ep=ep)
+    topo.validate(cfg.model, zero_stage=cfg.parallel.zero_stage)
     reader = CheckpointReader(src)
     final = out_dir / src.name
     if final.resolve() == src.resolve():
@@ -81,7 +94,7 @@ def convert_checkpoint(
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f"{src.name}.partial."))
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; checkpoints are meant to be shared
-        _write_layout(reader, staging, cfg.model.num_layers, tp, pp)
+        _write_layout(reader, staging, cfg.model, topo)
         write_record(staging / trainer_state_file(0), load_trainer_state(src, 0))
         seal(staging, final, int(reader.common["step"]), yaml.safe_dump(data, sort_keys=False))
     finally:
@@ -90,21 +103,29 @@ def convert_checkpoint(
     return final
 
 
-def _write_layout(reader: CheckpointReader, staging: Path, num_layers: int, tp: int, pp: int):
-    """The shard files of a TP=`tp` x PP=`pp` layout and its common record, into `staging`."""
-    topo = Topology(tp=tp, pp=pp, dp=1)
-    for stage, names in enumerate(stage_names(reader.names(), num_layers, pp)):
-        for tp_rank in range(tp):
-            tensors, meta = {}, {}
-            for name in names:
-                if shard_spec(name).dim is None and tp_rank != 0:
-                    continue  # replicated: TP rank 0 holds it, as in a training run
-                for kind in KINDS:
-                    tensors[f"{name}#{kind}"] = reader.local(name, kind, tp_rank, tp).contiguous()
-                meta[name] = {"tp_rank": tp_rank, "tp_size": tp}
-            rank = stage * topo.tp * topo.dp + tp_rank  # coordinates (stage, dp 0, tp_rank)
-            write_rank_shard(staging, rank, tensors, meta)
-    write_record(staging / COMMON, dict(reader.common, layout={"tp": tp, "pp": pp, "dp": 1}))
+def _write_layout(reader: CheckpointReader, staging: Path, model, topo: Topology):
+    """The shard files of `topo` (data-parallel size = its expert-parallel size: one copy of
+    every tensor) and its common record, into `staging`."""
+    tp, ep = topo.tp, topo.ep
+    per_rank = model.moe.num_experts // ep if model.moe.enabled else 0
+    for stage, names in enumerate(stage_names(reader.names(), model.num_layers, topo.pp)):
+        for ep_rank in range(ep):
+            for tp_rank in range(tp):
+                tensors, meta = {}, {}
+                for name in names:
+                    expert = expert_index(name)
+                    holder = 0 if expert is None else expert // per_rank  # dense: EP rank 0
+                    if holder != ep_rank or (shard_spec(name).dim is None and tp_rank != 0):
+                        continue  # another EP rank's expert, or replicated: TP rank 0 has it
+                    for kind in KINDS:
+                        local = reader.local(name, kind, tp_rank, tp)
+                        tensors[f"{name}#{kind}"] = local.contiguous()
+                    meta[name] = {"tp_rank": tp_rank, "tp_size": tp}
+                # coordinates (stage, dp rank = ep rank, tp rank)
+                rank = (stage * topo.dp + ep_rank) * tp + tp_rank
+                write_rank_shard(staging, rank, tensors, meta)
+    layout = {"tp": tp, "pp": topo.pp, "dp": topo.dp} | ({"ep": ep} if ep > 1 else {})
+    write_record(staging / COMMON, dict(reader.common, layout=layout))
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,12 +139,15 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
     parser.add_argument("--pp", type=int, required=True, help="target pipeline-parallel size")
+    parser.add_argument(
+        "--ep", type=int, default=1, help="target expert-parallel size (MoE models; default 1)"
+    )
     add_no_verify_argument(parser)
 
 
 def run_convert(args: argparse.Namespace) -> int:
     final = convert_checkpoint(
-        args.checkpoint, args.out, tp=args.tp, pp=args.pp, verify=not args.no_verify
+        args.checkpoint, args.out, tp=args.tp, pp=args.pp, ep=args.ep, verify=not args.no_verify
     )
-    print(f"wrote {final} (tp={args.tp} pp={args.pp})")
+    print(f"wrote {final} (tp={args.tp} pp={args.pp} ep={args.ep})")
     return 0

@@ -66,22 +66,39 @@ def capture_rank_shard(
     dp_size: int,
     tp_rank: int,
     tp_size: int,
+    expert_dp: tuple[int, int] | None = None,
+    buffers=(),
     host: Callable[[str, torch.Tensor], torch.Tensor] = to_host,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """Collective over each DP group: the tensors this rank writes (through `host(key, value)`,
-    which brings each to the CPU as fp32) and their metadata."""
+    which brings each to the CPU as fp32) and their metadata.
+
+    Routed-expert parameters (`param.expert_parallel`) are held by one expert-data-parallel
+    group (`expert_dp`: this rank's index in it and its size) and written once there. `buffers`
+    ((canonical name, tensor): the routers' expert biases, identical on every DP and TP rank) are
+    written by DP and TP rank 0, with zero moments (one format for every entry)."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, dict] = {}
     link_fragments(ds)
+    edp_rank, edp_size = expert_dp or (dp_rank, dp_size)
     for i, (name, param) in enumerate(named_params):
-        state = get_param_state(ds, param)  # every DP rank takes part, owner or not
+        state = get_param_state(ds, param)  # every rank of its group takes part, owner or not
         replicated = shard_spec(name).dim is None
-        if i % dp_size != dp_rank or (replicated and tp_rank != 0):
+        expert = getattr(param, "expert_parallel", False)
+        rank, size = (edp_rank, edp_size) if expert else (dp_rank, dp_size)
+        if i % size != rank or (replicated and tp_rank != 0):
             continue
         for kind in KINDS:
             key = f"{name}#{kind}"
             tensors[key] = host(key, state[kind])
         meta[name] = {"tp_rank": tp_rank, "tp_size": tp_size}
+    if dp_rank == 0 and tp_rank == 0:
+        for name, buffer in buffers:
+            value = host(f"{name}#param", buffer)
+            tensors[f"{name}#param"] = value
+            for kind in KINDS[1:]:
+                tensors[f"{name}#{kind}"] = torch.zeros_like(value)
+            meta[name] = {"tp_rank": 0, "tp_size": tp_size}
     return tensors, meta
 
 
@@ -212,22 +229,38 @@ class CheckpointReader:
             )
 
 
-def canonical_names(num_layers: int) -> set[str]:
-    """Every canonical parameter name of a `num_layers` model."""
-    per_layer = [
+def canonical_names(model) -> set[str]:
+    """Every canonical tensor name of a model (`ModelConfig`; an int: a dense model of that
+    many layers): its parameters and the routers' expert biases."""
+    from pretrain.config.schema import ModelConfig
+
+    if isinstance(model, int):
+        model = ModelConfig(num_layers=model)
+    attention = [
         "input_layernorm.weight",
         "self_attention.linear_qkv.weight",
         "self_attention.linear_proj.weight",
         "pre_mlp_layernorm.weight",
-        "mlp.linear_fc1.weight",
-        "mlp.linear_fc2.weight",
     ]
+    dense = ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+    moe = model.moe
+    routed = ["mlp.router.weight"] + (
+        ["mlp.router.expert_bias"] if moe.expert_bias_update_rate else []
+    )
+    routed += [
+        f"mlp.experts.{e}.linear_fc{k}.weight" for e in range(moe.num_experts) for k in (1, 2)
+    ]
+    if moe.shared_expert_ffn_hidden_size:
+        routed += ["mlp.shared_experts.linear_fc1.weight", "mlp.shared_experts.linear_fc2.weight"]
+        routed += ["mlp.shared_experts.gate_weight"] if moe.shared_expert_gate else []
     names = {
         "embedding.word_embeddings.weight",
         "head.final_norm.weight",
         "head.output_layer.weight",
     }
-    names.update(f"layers.{i}.{p}" for i in range(num_layers) for p in per_layer)
+    for i in range(model.num_layers):
+        mlp = routed if moe.is_moe_layer(i) else dense
+        names.update(f"layers.{i}.{p}" for p in attention + mlp)
     return names
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint.background import BackgroundWrite, HostBuffers
@@ -310,6 +311,8 @@ class CheckpointManager:
             dp_size=rt.dp,
             tp_rank=rt.topology.coordinates(rt.rank)[2],
             tp_size=rt.tp,
+            expert_dp=(rt.topology.expert_coordinates(rt.rank)[1], rt.dp // rt.ep),
+            buffers=engine.canonical_buffers(),
             host=self._host.copy if self.background else to_host,
         )
         records = {trainer_state_file(self.rank): trainer_state}
@@ -318,7 +321,8 @@ class CheckpointManager:
                 "step": step,
                 "optimizer_step": get_step(engine.ds),
                 "scheduler": engine.ds.lr_scheduler.state_dict(),
-                "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp},
+                "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp}
+                | ({"ep": rt.ep} if rt.ep > 1 else {}),
             }
         return _Snapshot(
             step=step,
@@ -434,13 +438,13 @@ def seal(staging: Path, final: Path, step: int, config_yaml: str) -> None:
 
 
 # ---------------------------------------------------------------------- load
-def open_checkpoint(path: Path, *, num_layers: int, verify: bool = True) -> CheckpointReader:
+def open_checkpoint(path: Path, *, model, verify: bool = True) -> CheckpointReader:
     """Verify a checkpoint and index its shards; it must hold exactly this model's parameters.
     `verify=False` skips the content hashes (the file set and sizes are always checked), e.g.
     for a checkpoint that `CheckpointManager.resume_point` has just verified."""
     verify_checkpoint(path, hashes=verify)
     reader = CheckpointReader(path)
-    reader.check_matches(canonical_names(num_layers))
+    reader.check_matches(canonical_names(model))
     return reader
 
 
@@ -457,6 +461,9 @@ def restore_optimizer(engine, reader: CheckpointReader, *, tp_rank: int, tp_size
         for kind, value in values.items():
             check_finite(reader, name, kind, value)
         set_param_state(engine.ds, param, values)
+    with torch.no_grad():  # the routers' expert biases
+        for name, buffer in engine.canonical_buffers():
+            buffer.copy_(reader.local(name, "param", tp_rank, tp_size))
     set_step(engine.ds, reader.common["optimizer_step"])
     set_lr_schedule(engine.ds, reader.common["scheduler"])
     engine.ds.global_steps = reader.common["step"]

@@ -43,6 +43,97 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
+class MoEConfig:
+    """Mixture-of-experts MLPs (Megatron-core's router and experts; docs/moe.md)."""
+
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0 keeps every MLP dense."""
+    top_k: int = 2
+    """Experts each token is routed to."""
+    expert_ffn_hidden_size: int | None = None
+    """Inner width of each routed expert's SwiGLU MLP; null uses model.ffn_hidden_size."""
+    shared_expert_ffn_hidden_size: int = 0
+    """Inner width of the shared-expert MLP that every token passes through besides its routed
+    experts (n shared experts of width f: n * f); 0 for none."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by a learned per-token sigmoid gate."""
+    layer_frequency: int = 1
+    """Every n-th layer (after `first_dense_layers`) is an MoE layer, the others stay dense:
+    1 = every layer, 2 = every other layer."""
+    first_dense_layers: int = 0
+    """The first k layers keep a dense MLP (DeepSeek's first_k_dense_replace)."""
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores: `softmax` over the experts, or per-expert `sigmoid` (needed by the
+    expert bias of `expert_bias_update_rate`)."""
+    pre_softmax: bool = False
+    """softmax: take the top-k of the softmax over all experts (weights not renormalised) instead
+    of the softmax over the top-k logits (weights summing to 1)."""
+    aux_loss_coeff: float = 1e-2
+    """Switch-Transformer load-balancing loss coeff * E/k * sum_e f_e P_e per MoE layer, added to
+    the training loss; f (routed share) and P (mean router probability) are taken over the whole
+    data-parallel micro-batch, so the loss does not depend on the layout. 0 disables it."""
+    z_loss_coeff: float = 0.0
+    """Router z-loss coeff * mean(logsumexp(router logits)^2) per MoE layer (ST-MoE); 0 = off."""
+    expert_bias_update_rate: float = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the scores only
+    to choose the top-k, moves by this rate towards balance after every optimizer step (sign of
+    mean load minus the expert's load over the step's global batch). 0 = off; needs
+    score_function sigmoid."""
+    capacity_factor: float | None = None
+    """Token dropping: each expert takes at most capacity_factor * tokens * k / E assignments of
+    a rank's micro-batch, the rest are dropped (the residual carries those tokens). null =
+    dropless (default). Capacity is per rank, so dropping depends on the data-parallel size."""
+    drop_policy: Literal["probs", "position"] = "probs"
+    """With capacity_factor: drop the lowest-probability assignments or the latest positions."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer `index` (0-based) has routed experts."""
+        if not self.enabled or index < self.first_dense_layers:
+            return False
+        return (index - self.first_dense_layers) % self.layer_frequency == 0
+
+    def validate(self) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"model.moe.num_experts must be >= 0, got {self.num_experts}")
+        if not self.enabled:
+            return
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(
+                f"model.moe.top_k ({self.top_k}) must be in [1, model.moe.num_experts "
+                f"({self.num_experts})]"
+            )
+        if self.layer_frequency < 1 or self.first_dense_layers < 0:
+            raise ConfigError(
+                "model.moe.layer_frequency must be >= 1 and model.moe.first_dense_layers >= 0"
+            )
+        for key in ("expert_ffn_hidden_size",):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"model.moe.{key} must be positive, got {value}")
+        for key in ("shared_expert_ffn_hidden_size", "aux_loss_coeff", "z_loss_coeff"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.moe.{key} must be >= 0, got {getattr(self, key)}")
+        if self.expert_bias_update_rate < 0:
+            raise ConfigError(
+                f"model.moe.expert_bias_update_rate must be >= 0, got "
+                f"{self.expert_bias_update_rate}"
+            )
+        if self.expert_bias_update_rate and self.score_function != "sigmoid":
+            raise ConfigError(
+                "model.moe.expert_bias_update_rate needs model.moe.score_function 'sigmoid' "
+                "(the bias shifts sigmoid scores; a softmax over biased logits changes weights)"
+            )
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(
+                f"model.moe.capacity_factor must be > 0 or null, got {self.capacity_factor}"
+            )
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     vocab_size: int | None = None
     """Tokenizer vocabulary incl. special tokens; null takes it from the data manifest."""
@@ -92,8 +183,11 @@ class ModelConfig:
     master weights keep their precision, so checkpoints are the same. Needs torchao
     (`pip install '.[fp8]'`) and a GPU with FP8 tensor cores (CUDA capability >= 8.9);
     docs/performance.md."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts MLPs (`model.moe.num_experts: 0` = dense)."""
 
     def validate(self) -> None:
+        self.moe.validate()
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by "
@@ -337,6 +431,10 @@ class ParallelConfig:
     """On GPU, overlap ZeRO's gradient reduction with backward (slower on one H100: bench/)."""
     bucket_size: int = 500_000_000
     """Elements per ZeRO gradient-reduction / parameter all-gather bucket."""
+    expert_parallel: int = 1
+    """Expert-parallel size: the routed experts of each MoE layer are split over this many
+    data-parallel ranks (which must divide the data-parallel size and model.moe.num_experts);
+    tokens reach their experts by all-to-all. Needs the fused optimizer (ZeRO 0/1)."""
 
     def validate(self) -> None:
         for key in ("tensor_parallel", "pipeline_parallel"):
@@ -344,6 +442,10 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{key} must be positive, got {getattr(self, key)}")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+        if self.expert_parallel <= 0:
+            raise ConfigError(
+                f"parallel.expert_parallel must be positive, got {self.expert_parallel}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -533,6 +635,46 @@ class Config:
                     f"parallel.tensor_parallel ({tp}): FP8 GEMMs take widths in multiples of 16"
                 )
 
+    def _check_moe(self, fused: bool) -> None:
+        """What the MoE layers and expert parallelism need from the rest of the config."""
+        moe, ep = self.model.moe, self.parallel.expert_parallel
+        if ep > 1 and not moe.enabled:
+            raise ConfigError(
+                f"parallel.expert_parallel {ep} needs routed experts (model.moe.num_experts > 0)"
+            )
+        if not moe.enabled:
+            return
+        if moe.num_experts % ep:
+            raise ConfigError(
+                f"model.moe.num_experts ({moe.num_experts}) must be divisible by "
+                f"parallel.expert_parallel ({ep})"
+            )
+        if ep > 1 and not fused:
+            raise ConfigError(
+                "parallel.expert_parallel > 1 needs the fused optimizer (optim.master_weights "
+                "'fused' or 'auto' with parallel.zero_stage 0 or 1): expert gradients are "
+                "reduced over the ranks holding the same experts only"
+            )
+        if self.parallel.sequence_parallel:
+            raise ConfigError(
+                "model.moe with parallel.sequence_parallel is not supported yet: the MoE "
+                "layers take every token on each tensor-parallel rank"
+            )
+        if self.model.fp8:
+            raise ConfigError(
+                "model.moe with model.fp8 is not supported yet: the expert linears have no "
+                "FP8 path (their token counts vary per rank and step)"
+            )
+        tp = self.parallel.tensor_parallel
+        for what, width in (
+            ("model.moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size or 0),
+            ("model.moe.shared_expert_ffn_hidden_size", moe.shared_expert_ffn_hidden_size),
+        ):
+            if width % tp:
+                raise ConfigError(
+                    f"{what} ({width}) must be divisible by parallel.tensor_parallel ({tp})"
+                )
+
     def validate(self) -> None:
         for section in (self.model, self.diffusion, self.train, self.optim, self.parallel):
             section.validate()
@@ -561,6 +703,7 @@ class Config:
         tp = self.parallel.tensor_parallel
         if self.model.fp8:
             self._check_fp8_widths(tp)
+        self._check_moe(fused)
         if self.model.num_attention_heads % tp:
             raise ConfigError(
                 f"model.num_attention_heads ({self.model.num_attention_heads}) must be divisible "

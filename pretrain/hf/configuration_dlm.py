@@ -35,6 +35,15 @@ class DLMConfig(PretrainedConfig):
         eos_token_id: int | None = 0,
         pad_token_id: int | None = None,
         tie_word_embeddings: bool = False,
+        num_experts: int = 0,
+        num_experts_per_tok: int = 2,
+        moe_intermediate_size: int | None = None,
+        moe_layers: list[int] | None = None,
+        shared_expert_intermediate_size: int = 0,
+        shared_expert_gate: bool = False,
+        router_score_function: str = "softmax",
+        router_pre_softmax: bool = False,
+        router_expert_bias: bool = False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -50,6 +59,19 @@ class DLMConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
         self.mask_token_id = mask_token_id
+        # mixture of experts (num_experts 0: every MLP dense); `moe_layers`: 0-based indices of
+        # the MoE layers. Routing: softmax over the top-k logits (pre_softmax: top-k of the
+        # softmax over all experts) or sigmoid scores normalised over the top-k, the top-k
+        # chosen with a per-expert bias added when `router_expert_bias`; every token is kept.
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size or intermediate_size
+        self.moe_layers = list(moe_layers or [])
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.shared_expert_gate = shared_expert_gate
+        self.router_score_function = router_score_function
+        self.router_pre_softmax = router_pre_softmax
+        self.router_expert_bias = router_expert_bias
         super().__init__(
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,

@@ -71,9 +71,28 @@ def hf_config(model: TrainedModel, dtype: str) -> dict:
         "initializer_range": m.init_std,
         "mask_token_id": model.tokenizer.mask_id,
         "eos_token_id": model.tokenizer.eos_id,
+        **moe_config(m),
         "architectures": ["DLMForMaskedLM"],
         "auto_map": AUTO_MAP,
         "dtype": dtype,
+    }
+
+
+def moe_config(m) -> dict:
+    """The MoE fields of the exported DLMConfig (none for a dense model)."""
+    moe = m.moe
+    if not moe.enabled:
+        return {}
+    return {
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.expert_ffn_hidden_size or m.ffn_hidden_size,
+        "moe_layers": [i for i in range(m.num_layers) if moe.is_moe_layer(i)],
+        "shared_expert_intermediate_size": moe.shared_expert_ffn_hidden_size,
+        "shared_expert_gate": moe.shared_expert_gate,
+        "router_score_function": moe.score_function,
+        "router_pre_softmax": moe.pre_softmax,
+        "router_expert_bias": moe.expert_bias_update_rate > 0,
     }
 
 

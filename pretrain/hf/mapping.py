@@ -8,7 +8,9 @@ Our canonical tensors (`pretrain.model.sharding`) follow Megatron-core's fused l
 
 (H query heads, G KV groups, head dim d.) The exported model, like Llama, keeps q/k/v and gate/up
 as separate projections, so the same mapping serves export (ours -> HF) and import of Llama/Qwen2
-weights (HF -> ours). Everything else is a rename.
+weights (HF -> ours). Everything else is a rename. MoE layers (export only) name their router
+`mlp.gate`, routed expert e `mlp.experts.e.{gate,up,down}_proj` and the shared experts
+`mlp.shared_experts.*`, as Mixtral/Qwen-MoE-style checkpoints do.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ _RENAMES = {
     "input_layernorm.weight": "input_layernorm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
 _TOP = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -39,14 +40,26 @@ class Shape:
     num_heads: int
     num_groups: int
     head_dim: int
+    moe_layers: tuple[int, ...] = ()
+    """Indices of the layers whose MLP is a mixture of experts."""
+    num_experts: int = 0
+    shared_experts: bool = False
+    shared_expert_gate: bool = False
+    expert_bias: bool = False
 
     @classmethod
     def of(cls, model: ModelConfig) -> Shape:
+        moe = model.moe
         return cls(
             num_layers=model.num_layers,
             num_heads=model.num_attention_heads,
             num_groups=model.num_query_groups or model.num_attention_heads,
             head_dim=model.hidden_size // model.num_attention_heads,
+            moe_layers=tuple(i for i in range(model.num_layers) if moe.is_moe_layer(i)),
+            num_experts=moe.num_experts,
+            shared_experts=bool(moe.shared_expert_ffn_hidden_size),
+            shared_expert_gate=moe.shared_expert_gate,
+            expert_bias=moe.expert_bias_update_rate > 0,
         )
 
 
@@ -83,9 +96,36 @@ def to_hf_items(
         yield hf + "self_attn.q_proj.weight", q.contiguous()
         yield hf + "self_attn.k_proj.weight", k.contiguous()
         yield hf + "self_attn.v_proj.weight", v.contiguous()
-        gate, up = canonical[ours + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        yield hf + "mlp.gate_proj.weight", gate.contiguous()
-        yield hf + "mlp.up_proj.weight", up.contiguous()
+        if i in shape.moe_layers:
+            yield from _moe_items(canonical, ours + "mlp.", hf + "mlp.", shape)
+            continue
+        yield hf + "mlp.down_proj.weight", canonical[ours + "mlp.linear_fc2.weight"].contiguous()
+        yield from _swiglu_items(canonical[ours + "mlp.linear_fc1.weight"], hf + "mlp.")
+
+
+def _swiglu_items(fc1: torch.Tensor, hf: str) -> Iterator[tuple[str, torch.Tensor]]:
+    gate, up = fc1.chunk(2, dim=0)
+    yield hf + "gate_proj.weight", gate.contiguous()
+    yield hf + "up_proj.weight", up.contiguous()
+
+
+def _moe_items(
+    canonical: Mapping[str, torch.Tensor], ours: str, hf: str, shape: Shape
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """One MoE MLP: router -> `gate`, expert e -> `experts.e.{gate,up,down}_proj`, shared
+    experts -> `shared_experts.*` (+ `shared_expert_gate`), the expert bias -> `expert_bias`."""
+    yield hf + "gate.weight", canonical[ours + "router.weight"].contiguous()
+    if shape.expert_bias:
+        yield hf + "expert_bias", canonical[ours + "router.expert_bias"].contiguous()
+    experts = [(f"experts.{e}.", f"experts.{e}.") for e in range(shape.num_experts)]
+    if shape.shared_experts:
+        experts.append(("shared_experts.", "shared_experts."))
+        if shape.shared_expert_gate:
+            gate = canonical[ours + "shared_experts.gate_weight"]
+            yield hf + "shared_expert_gate.weight", gate.contiguous()
+    for src, dst in experts:
+        yield hf + dst + "down_proj.weight", canonical[ours + src + "linear_fc2.weight"]
+        yield from _swiglu_items(canonical[ours + src + "linear_fc1.weight"], hf + dst)
 
 
 def from_hf(hf: dict[str, torch.Tensor], shape: Shape) -> dict[str, torch.Tensor]:
@@ -95,6 +135,7 @@ def from_hf(hf: dict[str, torch.Tensor], shape: Shape) -> dict[str, torch.Tensor
         ours, src = f"layers.{i}.", f"model.layers.{i}."
         for dst, name in _RENAMES.items():
             out[ours + dst] = hf[src + name]
+        out[ours + "mlp.linear_fc2.weight"] = hf[src + "mlp.down_proj.weight"]
         attn = src + "self_attn."
         out[ours + "self_attention.linear_qkv.weight"] = fuse_qkv(
             hf[attn + "q_proj.weight"],

@@ -5,6 +5,7 @@ Self-contained (only torch + transformers), shipped next to the weights and load
 
     tokens [b, s] -> embed -> N x (x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))) -> RMSNorm -> head
 
+(in the layers `config.moe_layers` the SwiGLU is a mixture of experts, `DLMSparseMoE`).
 Attention is bidirectional (a boolean mask may restrict it), through PyTorch's fused
 `scaled_dot_product_attention` (flash / cuDNN / memory-efficient kernels on GPU) or an explicit
 "eager" softmax. RoPE uses the non-interleaved ("rotate half") layout. Norms run in fp32, so bf16
@@ -98,9 +99,9 @@ def eager_attention(q, k, v, mask):
 class DLMMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: DLMConfig):
+    def __init__(self, config: DLMConfig, intermediate_size: int | None = None):
         super().__init__()
-        h, f = config.hidden_size, config.intermediate_size
+        h, f = config.hidden_size, intermediate_size or config.intermediate_size
         self.gate_proj = nn.Linear(h, f, bias=False)
         self.up_proj = nn.Linear(h, f, bias=False)
         self.down_proj = nn.Linear(f, h, bias=False)
@@ -109,13 +110,75 @@ class DLMMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DLMDecoderLayer(nn.Module):
+class DLMSparseMoE(nn.Module):
+    """Mixture of experts: each token's top-k routed SwiGLU experts, weighted by the router's
+    probabilities, plus the shared experts every token passes through.
+
+        logits [N, E] = gate(x) in fp32
+        softmax:  top-k of the logits, probabilities = softmax over those k (pre_softmax: the
+                  top-k of softmax(logits), not renormalised)
+        sigmoid:  scores = sigmoid(logits); top-k of scores (+ expert_bias, for the choice
+                  only); probabilities = the k scores / their sum (k > 1)
+    """
+
     def __init__(self, config: DLMConfig):
+        super().__init__()
+        self.config = config
+        h, e = config.hidden_size, config.num_experts
+        self.gate = nn.Linear(h, e, bias=False)
+        if config.router_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(e, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+        self.experts = nn.ModuleList(DLMMLP(config, config.moe_intermediate_size) for _ in range(e))
+        self.shared_experts = self.shared_expert_gate = None
+        if config.shared_expert_intermediate_size:
+            self.shared_experts = DLMMLP(config, config.shared_expert_intermediate_size)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, h] -> (probabilities [N, k] fp32, expert indices [N, k])."""
+        cfg, k = self.config, self.config.num_experts_per_tok
+        logits = F.linear(x.float(), self.gate.weight.float())
+        if cfg.router_score_function == "sigmoid":
+            scores = torch.sigmoid(logits)
+            choice = scores if self.expert_bias is None else scores + self.expert_bias.float()
+            index = choice.topk(k, dim=-1).indices
+            probs = scores.gather(-1, index)
+            return (probs / (probs.sum(-1, keepdim=True) + 1e-20) if k > 1 else probs), index
+        if cfg.router_pre_softmax:
+            return torch.softmax(logits, dim=-1).topk(k, dim=-1)
+        top, index = logits.topk(k, dim=-1)
+        return torch.softmax(top, dim=-1), index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        flat = x.reshape(b * s, h)
+        probs, index = self.route(flat)  # [N, k] each
+        out = torch.zeros_like(flat, dtype=torch.float32)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(index == e)  # tokens routed to e, and in which of k
+            if rows.numel():
+                weighted = expert(flat[rows]).float() * probs[rows, slot, None]
+                out.index_add_(0, rows, weighted)
+        out = out.to(x.dtype)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(flat)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(flat))
+            out = out + shared
+        return out.view(b, s, h)
+
+
+class DLMDecoderLayer(nn.Module):
+    def __init__(self, config: DLMConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = DLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = DLMAttention(config)
         self.post_attention_layernorm = DLMRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = DLMMLP(config)
+        moe = config.num_experts and layer_idx in config.moe_layers
+        self.mlp = DLMSparseMoE(config) if moe else DLMMLP(config)
 
     def forward(self, x: torch.Tensor, cos, sin, mask) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), (cos, sin), mask)
@@ -157,7 +220,7 @@ class DLMModel(DLMPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DLMDecoderLayer(config) for _ in range(config.num_hidden_layers)
+            DLMDecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = DLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False

@@ -142,7 +142,7 @@ def read_checkpoint(
     cfg = from_dict(Config, load_yaml_text(config_yaml, str(config_file)), source=str(config_file))
     cfg.validate()
     reader = CheckpointReader(path)
-    reader.check_matches(canonical_names(cfg.model.num_layers))
+    reader.check_matches(canonical_names(cfg.model))
     state = CanonicalState(reader)
     if data_dir is None:
         data_dir = path if (path / TOKENIZER_RECORD).is_file() else Path(cfg.data.path)

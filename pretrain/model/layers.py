@@ -15,7 +15,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
@@ -87,8 +87,9 @@ class RowParallelLinearWithGroup(RowParallelLinear):
         return super()._forward_impl(input, weight, *args, **kwargs)
 
 
-def transformer_layer_spec(attention_backend: str) -> ModuleSpec:
-    """Pre-norm layer: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)), all projections bias-free."""
+def transformer_layer_spec(attention_backend: str, mlp=None) -> ModuleSpec:
+    """Pre-norm layer: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)), all projections bias-free.
+    `mlp` replaces the SwiGLU MLP's spec (`build_layer`'s placeholder for an MoE block)."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -107,7 +108,8 @@ def transformer_layer_spec(attention_backend: str) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(
+            mlp=mlp
+            or ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
                     linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinearWithGroup
@@ -116,3 +118,25 @@ def transformer_layer_spec(attention_backend: str) -> ModuleSpec:
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def build_layer(model, config, layer_number: int, moe_groups=None) -> TransformerLayer:
+    """Transformer layer `layer_number` (1-based) of `model`: dense, or with an MoE block in its
+    MLP slot when `model.moe` routes that layer.
+
+    The MoE block is put into the layer after it is built (the spec holds a placeholder):
+    TransformerLayer hands process groups only to Megatron's own MLP classes, so a spec naming
+    ours would build it without them (and warn).
+    """
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    moe = model.moe.is_moe_layer(layer_number - 1)
+    spec = transformer_layer_spec(model.attention_backend, mlp=IdentityOp if moe else None)
+    layer = build_module(spec, config=config, layer_number=layer_number)
+    if moe:
+        from pretrain.model.moe import MoEBlock, expert_groups
+
+        groups = moe_groups if moe_groups is not None else expert_groups()
+        layer.mlp = MoEBlock(config, groups, linear_fc2=RowParallelLinearWithGroup)
+        layer.mlp.set_layer_number(layer_number)
+    return layer

@@ -11,6 +11,7 @@ import torch
 from megatron.core import parallel_state
 
 from pretrain.config import ModelConfig
+from pretrain.model.moe import canonical_experts, expert_groups
 from pretrain.model.sharding import initialize, mark_tensor_parallel
 from pretrain.model.transformer import DLMTransformer, megatron_config
 
@@ -45,6 +46,7 @@ def build_model(
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
         sequence_parallel=sequence_parallel,
+        expert_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
     )
     net = DLMTransformer(
         model,
@@ -53,10 +55,12 @@ def build_model(
         excluded_token_ids=(mask_token_id,),
         tp_rank=tp_rank,
         tp_group=group,
+        moe_groups=expert_groups() if model.moe.enabled else None,
     )
-    mark_tensor_parallel(net.named_parameters())
+    named = canonical_experts(net, net.named_parameters())
+    mark_tensor_parallel(named)
     initialize(
-        net.named_parameters(),
+        named,
         seed=seed,
         std=model.init_std,
         num_layers=model.num_layers,

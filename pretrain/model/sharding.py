@@ -38,7 +38,23 @@ _SPECS: list[tuple[re.Pattern, ShardSpec]] = [
     (re.compile(r"layers\.\d+\.(input_layernorm|pre_mlp_layernorm)\.weight"), ShardSpec(None)),
     (re.compile(r"head\.final_norm\.weight"), ShardSpec(None)),
     (re.compile(r"head\.output_layer\.weight"), ShardSpec(0)),
+    # MoE layers: router (and its expert bias, a buffer) replicated; routed experts (named by
+    # their global index) and shared experts split like the dense MLP
+    (re.compile(r"layers\.\d+\.mlp\.router\.(weight|expert_bias)"), ShardSpec(None)),
+    (re.compile(r"layers\.\d+\.mlp\.shared_experts\.gate_weight"), ShardSpec(None)),
+    (
+        re.compile(r"layers\.\d+\.mlp\.(experts\.\d+|shared_experts)\.linear_fc1\.weight"),
+        ShardSpec(0, glu=True),
+    ),
+    (
+        re.compile(r"layers\.\d+\.mlp\.(experts\.\d+|shared_experts)\.linear_fc2\.weight"),
+        ShardSpec(1),
+    ),
 ]
+_ONES = re.compile(r".*(layernorm|final_norm)\.weight")
+"""Initialised to 1 (norm weights); `_ZEROS` to 0 (the router's expert bias); the rest N(0, std)."""
+_ZEROS = re.compile(r".*\.expert_bias")
+_LOCAL_EXPERT = re.compile(r"(.*\.mlp\.experts)\.local_experts\.(\d+)\.(.+)")
 
 
 def shard_spec(name: str) -> ShardSpec:
@@ -88,14 +104,39 @@ def _generator(seed: int, name: str) -> torch.Generator:
 def init_value(name: str, shape: tuple[int, ...], *, seed: int, std: float, num_layers: int):
     """The full initial value of canonical parameter `name`, drawn from its own seeded stream.
 
-    Norm weights are 1; weights feeding the residual stream (attention output, fc2) use
-    std / sqrt(2 * num_layers) (GPT-2 / Megatron scaling); all other weights N(0, std).
+    Norm weights are 1, the router's expert bias 0; weights feeding the residual stream
+    (attention output, fc2 of the MLPs and experts) use std / sqrt(2 * num_layers) (GPT-2 /
+    Megatron scaling); all other weights (the router's too) N(0, std).
     """
-    if shard_spec(name).dim is None:
+    if _ONES.fullmatch(name):
         return torch.ones(shape)
+    if _ZEROS.fullmatch(name):
+        return torch.zeros(shape)
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         std = std / math.sqrt(2.0 * num_layers)
     return torch.randn(shape, generator=_generator(seed, name)) * std
+
+
+def canonical_expert_name(name: str, *, ep_rank: int, local_experts: int) -> str:
+    """A module's name for one of its routed experts -> the canonical name, with the expert's
+    global index: `layers.3.mlp.experts.local_experts.1.linear_fc1.weight` on expert-parallel
+    rank 2 of 4 experts per rank -> `layers.3.mlp.experts.9.linear_fc1.weight`. Other names
+    pass through."""
+    match = _LOCAL_EXPERT.fullmatch(name)
+    if match is None:
+        return name
+    prefix, local, rest = match.groups()
+    return f"{prefix}.{ep_rank * local_experts + int(local)}.{rest}"
+
+
+_EXPERT = re.compile(r"layers\.\d+\.mlp\.experts\.(\d+)\..+")
+
+
+def expert_index(name: str) -> int | None:
+    """The global index of the routed expert a canonical name belongs to (None: not an
+    expert's)."""
+    match = _EXPERT.fullmatch(name)
+    return None if match is None else int(match.group(1))
 
 
 def mark_tensor_parallel(named_params) -> None:

@@ -21,13 +21,12 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.spec_utils import build_module
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, MoEConfig
 from pretrain.config.schema import padded_vocab_size
 from pretrain.model.attention import get_attention_backend
-from pretrain.model.layers import RMSNorm, RotaryEmbedding, transformer_layer_spec
+from pretrain.model.layers import RMSNorm, RotaryEmbedding, build_layer
 from pretrain.model.masks import AttentionMask, DocumentMask
 
 CE_CHUNK_BYTES = 1 << 30
@@ -43,13 +42,16 @@ def megatron_config(
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
     sequence_parallel: bool = False,
+    expert_parallel_size: int = 1,
 ) -> TransformerConfig:
-    """Our ModelConfig -> Megatron-core TransformerConfig (RMSNorm, SwiGLU, no bias, no dropout).
+    """Our ModelConfig -> Megatron-core TransformerConfig (RMSNorm, SwiGLU, no bias, no dropout;
+    `model.moe` as Megatron's MoE fields, which our MoE layers read).
 
     Megatron's own initialisation is switched off (`perform_initialization=False`): weights are
     set by `pretrain.model.sharding.initialize`, which gives the same model in every layout.
     """
     return TransformerConfig(
+        **moe_fields(model.moe, model.ffn_hidden_size, expert_parallel_size),
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -80,6 +82,29 @@ def megatron_config(
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+    )
+
+
+def moe_fields(moe: MoEConfig, ffn_hidden_size: int, expert_parallel_size: int) -> dict:
+    """`model.moe` in Megatron-core's TransformerConfig names (nothing for a dense model)."""
+    if not moe.enabled:
+        return {}
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.top_k,
+        moe_ffn_hidden_size=moe.expert_ffn_hidden_size or ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or None,
+        moe_shared_expert_gate=moe.shared_expert_gate,
+        moe_router_score_function=moe.score_function,
+        moe_router_pre_softmax=moe.pre_softmax,
+        moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff else "none",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_z_loss_coeff=moe.z_loss_coeff or None,
+        moe_router_enable_expert_bias=moe.expert_bias_update_rate > 0,
+        moe_router_bias_update_rate=moe.expert_bias_update_rate,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_token_drop_policy=moe.drop_policy,
+        expert_model_parallel_size=expert_parallel_size,
     )
 
 
@@ -294,7 +319,9 @@ class DLMTransformer(torch.nn.Module):
         excluded_token_ids: tuple[int, ...],
         tp_rank: int = 0,
         tp_group=None,
+        moe_groups=None,
     ):
+        """`moe_groups`: Megatron's process groups for the MoE layers (`expert_groups()`)."""
         super().__init__()
         self.vocab_size = vocab_size
         self.padded_vocab = padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by)
@@ -304,9 +331,8 @@ class DLMTransformer(torch.nn.Module):
         self.rotary = RotaryEmbedding(config.kv_channels, model.rope_base)
         # how the layers' attention backend takes a mask (prepared once per forward)
         self.prepare_mask = get_attention_backend(model.attention_backend).prepare
-        spec = transformer_layer_spec(model.attention_backend)
         self.layers = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=i + 1) for i in range(config.num_layers)
+            build_layer(model, config, i + 1, moe_groups) for i in range(config.num_layers)
         )
         self.head = OutputHead(
             config,

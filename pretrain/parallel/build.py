@@ -19,6 +19,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from pretrain.config import Config
 from pretrain.config.schema import padded_vocab_size
 from pretrain.model.fp8 import apply_fp8
+from pretrain.model.moe import (
+    canonical_experts,
+    expert_groups,
+    experts_kept,
+    set_router_grad_scale,
+)
 from pretrain.model.sharding import initialize, mark_tensor_parallel
 from pretrain.model.transformer import DLMTransformer, OutputHead, megatron_config
 from pretrain.parallel.engine import DataParallelEngine, Engine
@@ -100,6 +106,9 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, rt: Runtime) -> torch.
             dp_group=parallel_state.get_data_parallel_group(),
             tp_group=parallel_state.get_tensor_model_parallel_group(),
             model_parallel_group=parallel_state.get_model_parallel_group(),
+            expert_dp_group=parallel_state.get_expert_data_parallel_group()
+            if cfg.model.moe.enabled
+            else None,
             shard=cfg.parallel.zero_stage == 1,
             skip_nonfinite=cfg.train.on_nonfinite == "skip",
         )
@@ -177,8 +186,10 @@ def build_engine(
         tensor_parallel_size=rt.tp,
         pipeline_parallel_size=rt.pp,
         sequence_parallel=cfg.parallel.sequence_parallel,
+        expert_parallel_size=rt.ep,
     )
     tp_group = parallel_state.get_tensor_model_parallel_group()
+    groups = expert_groups() if cfg.model.moe.enabled else None
     if rt.pp == 1:
         module = DLMTransformer(
             cfg.model,
@@ -187,8 +198,9 @@ def build_engine(
             excluded_token_ids=(mask_token_id,),
             tp_rank=rt.tp_rank,
             tp_group=tp_group,
+            moe_groups=groups,
         )
-        named = list(module.named_parameters())
+        named = canonical_experts(module, module.named_parameters())
     else:
         module, loss = build_pipeline_module(
             cfg.model,
@@ -199,10 +211,17 @@ def build_engine(
             topology=rt.topology.deepspeed_topology(),
             tp_rank=rt.tp_rank,
             tp_group=tp_group,
+            moe_groups=groups,
         )
-        named = [
-            (canonical_pipe_name(n, cfg.model.num_layers), p) for n, p in module.named_parameters()
-        ]
+        named = canonical_experts(
+            module,
+            [
+                (canonical_pipe_name(n, cfg.model.num_layers), p)
+                for n, p in module.named_parameters()
+            ],
+        )
+    # the router's losses get the gradient scale DeepSpeed gives the objective's loss
+    set_router_grad_scale(module, 1.0 / cfg.train.grad_accum_steps)
     mark_tensor_parallel(named)
     if load_weights is not None:
         load_weights(named)
@@ -229,20 +248,26 @@ def build_engine(
             min_ratio=cfg.optim.min_lr_ratio,
         ),
     )
-    ds, *_ = deepspeed.initialize(
-        model=module,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, rt),
-        # DeepSpeed derives a pipeline engine's groups from the PipelineModule's topology and
-        # refuses an mpu next to it; the plain engine takes Megatron's groups through the mpu.
-        mpu=MegatronMPU() if rt.pp == 1 else None,
-    )
+    with experts_kept(module):
+        ds, *_ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, rt),
+            # DeepSpeed derives a pipeline engine's groups from the PipelineModule's topology
+            # and refuses an mpu next to it; the plain engine takes Megatron's groups (mpu).
+            mpu=MegatronMPU() if rt.pp == 1 else None,
+        )
     if isinstance(optimizer, MasterWeightAdamW):
         # the optimizer reduces its fp32 gradients itself (all-reduce, or reduce-scatter)
         ds.enable_backward_allreduce = False
         ds.pipeline_enable_backward_allreduce = False
-    kernels = attention_kernels(cfg, rt)
+    options = {
+        "kernels": attention_kernels(cfg, rt),
+        "moe_shape": (cfg.model.num_layers, cfg.model.moe.num_experts)
+        if cfg.model.moe.enabled
+        else None,
+    }
     if rt.pp == 1:
-        return DataParallelEngine(ds, rt, kernels=kernels)
-    return PipelineParallelEngine(ds, rt, loss, cfg.model.num_layers, kernels=kernels)
+        return DataParallelEngine(ds, rt, **options)
+    return PipelineParallelEngine(ds, rt, loss, cfg.model.num_layers, **options)

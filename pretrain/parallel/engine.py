@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from pretrain.model.inputs import ModelInputs
+from pretrain.model.moe import canonical_experts, expert_biases, update_expert_biases
 from pretrain.parallel.runtime import Runtime
 
 # The caller's loss: (hidden [s, b, h] of the micro-batch, the model's head, the micro-batch)
@@ -45,10 +46,13 @@ class Engine:
         rt: Runtime,
         *,
         kernels: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        moe_shape: tuple[int, int] | None = None,
     ):
+        """`moe_shape`: (num_layers, num_experts) of an MoE model, for the router metrics."""
         self.ds = ds
         self.rt = rt
         self.kernels = kernels
+        self.moe_shape = moe_shape
 
     @property
     def owns_metrics(self) -> bool:
@@ -97,7 +101,29 @@ class Engine:
         return opt.skipped if getattr(opt, "skip_nonfinite", False) else None
 
     def canonical_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        raise NotImplementedError
+        return canonical_experts(self.ds.module, self._named(self.ds.module.named_parameters()))
+
+    def canonical_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """Training state that is not a parameter (the routers' expert biases), canonically
+        named: checkpointed with the weights."""
+        return expert_biases(self.ds.module, self._named(self.ds.module.named_buffers()))
+
+    def _named(self, named):
+        """This engine's module names -> canonical (single-device model) names."""
+        return list(named)
+
+    def after_step(self) -> None:
+        """Model state updated once per optimizer step besides the weights (expert biases)."""
+        update_expert_biases(self.ds.module)
+
+    def router_metrics(self) -> dict[str, float]:
+        """The routers' statistics since the last call (`pretrain.model.moe_metrics`), for a
+        log line; collective over the whole job. Empty for a dense model."""
+        if self.moe_shape is None:
+            return {}
+        from pretrain.model.moe_metrics import router_metrics
+
+        return router_metrics(self.ds.module, *self.moe_shape, count=self.rt.tp_rank == 0)
 
     def train_step(self, batches: list, loss_fn: LossFn) -> dict[str, torch.Tensor]:
         """One optimizer step over the micro-batches; their metrics' mean (where computed)."""
@@ -132,9 +158,6 @@ def host_metrics(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
 
 
 class DataParallelEngine(Engine):
-    def canonical_parameters(self):
-        return list(self.ds.module.named_parameters())
-
     def _forward(self, inputs: ModelInputs, loss_fn):
         with self.kernels():
             return self.ds(
@@ -154,6 +177,7 @@ class DataParallelEngine(Engine):
             self.ds.backward(loss)
             self.ds.step()  # DeepSpeed applies the update after the last micro-batch only
             collected.append(metrics)
+        self.after_step()
         return _mean(collected)
 
     @torch.no_grad()

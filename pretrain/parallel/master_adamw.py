@@ -17,6 +17,12 @@ factor stays on the device, the norm is read only when logged). DeepSpeed then r
 mode around it and must not all-reduce gradients itself (`build_engine` switches that off, for
 the data-parallel and the pipeline engine alike).
 
+Expert parallelism: routed-expert parameters (`param.expert_parallel`) are held by the ranks
+of one expert-data-parallel group only (`expert_dp_group`: the data-parallel ranks with the same
+experts), so they get their own flat buffer, reduced (and sharded) over that group; like every
+gradient it is divided by the full data-parallel size, since each rank's loss is the mean over
+its own tokens. The gradient norm counts every expert once.
+
 Sharding (`shard=True`, with `parallel.zero_stage=1`): the parameters of this rank (its TP
 shards and pipeline stage) are laid out in one flat buffer, split into dp equal slices; rank r
 keeps the fp32 master weights and both moments of slice r only (12 bytes per parameter / dp),
@@ -42,6 +48,49 @@ def _rank(group) -> int:
     return dist.get_rank(group) if group is not None else 0
 
 
+class _Flat:
+    """The parameters reduced over one group: one flat fp32 gradient buffer (one collective),
+    and with sharding the flat parameters and this rank's slice [lo, hi) of both."""
+
+    def __init__(self, params: list[torch.Tensor], group, shard: bool):
+        self.params, self.group = params, group
+        size = _size(group)
+        self.shard = shard and size > 1
+        device = params[0].device
+        total = sum(p.numel() for p in params)
+        padded = -(-total // size) * size if self.shard else total
+        chunk = padded // size if self.shard else total
+        lo = _rank(group) * chunk if self.shard else 0
+        self.owned = (lo, lo + chunk)
+        self.grad = torch.zeros(padded, dtype=torch.float32, device=device)
+        self.param = None
+        if self.shard:  # parameters become views of one buffer: one all-gather refreshes all
+            self.param = torch.zeros(padded, dtype=params[0].dtype, device=device)
+
+    def reduce(self, dp: int) -> None:
+        """Sum over the group, divided by the data-parallel size `dp` (the gradient of the mean
+        of all replicas' losses)."""
+        if dp > 1:
+            self.grad.div_(dp)
+        if _size(self.group) == 1:
+            return
+        if not self.shard:
+            dist.all_reduce(self.grad, group=self.group)
+        elif self.grad.is_cuda:
+            lo, hi = self.owned
+            dist.reduce_scatter_tensor(self.grad[lo:hi], self.grad, group=self.group)
+        else:  # gloo has no reduce-scatter: all-reduce, then this rank reads its slice only
+            dist.all_reduce(self.grad, group=self.group)
+
+    def gather(self) -> None:
+        lo, hi = self.owned
+        if self.param.is_cuda:
+            dist.all_gather_into_tensor(self.param, self.param[lo:hi], group=self.group)
+        else:  # gloo: the list form, into views of the flat buffer
+            chunks = list(self.param.chunk(_size(self.group)))
+            dist.all_gather(chunks, self.param[lo:hi].clone(), group=self.group)
+
+
 class MasterWeightAdamW(torch.optim.Optimizer):
     def __init__(
         self,
@@ -54,54 +103,34 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         dp_group=None,
         tp_group=None,
         model_parallel_group=None,
+        expert_dp_group=None,
         shard: bool = False,
         skip_nonfinite: bool = False,
     ):
         """`model_parallel_group`: the ranks of one replica (TP x PP): the gradient norm sums
         over them; `tp_group` decides which ranks count a TP-replicated parameter (rank 0).
+        `expert_dp_group`: the data-parallel ranks holding this rank's experts (parameters
+        marked `expert_parallel`), for an MoE model; None for a dense one.
         `skip_nonfinite`: a step whose gradient norm is not finite changes nothing (decided on
         the device: the fused kernel's `found_inf`); `skipped` counts them."""
         super().__init__(param_groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.max_grad_norm = max_grad_norm
         self.dp_group, self.tp_group = dp_group, tp_group
         self.mp_group = tp_group if model_parallel_group is None else model_parallel_group
-        dp = _size(dp_group)
-        self.shard = shard and dp > 1
+        self.dp = _size(dp_group)
+        self.shard = shard and self.dp > 1
         params = [p for g in self.param_groups for p in g["params"]]
         device = params[0].device
-        total = sum(p.numel() for p in params)
-        padded = -(-total // dp) * dp if self.shard else total
-        chunk = padded // dp if self.shard else total
-        lo = _rank(dp_group) * chunk if self.shard else 0
-        self.owned = (lo, lo + chunk)
-        # One flat fp32 buffer for all gradients: a single collective over data-parallel ranks.
-        self.flat_grad = torch.zeros(padded, dtype=torch.float32, device=device)
-        self.flat_param = None
-        if self.shard:  # parameters become views of one buffer: one all-gather refreshes all
-            self.flat_param = torch.zeros(padded, dtype=params[0].dtype, device=device)
-        offset = 0
+        experts = [p for p in params if getattr(p, "expert_parallel", False)]
+        dense = [p for p in params if not getattr(p, "expert_parallel", False)]
+        self.flats = [_Flat(dense, dp_group, self.shard)] if dense else []
+        self.expert_dp_group = expert_dp_group
+        if experts:
+            group = dp_group if expert_dp_group is None else expert_dp_group
+            self.flats.append(_Flat(experts, group, self.shard))
         first = _rank(tp_group) == 0
-        for p in params:
-            n = p.numel()
-            if self.flat_param is not None:
-                self.flat_param[offset : offset + n].copy_(p.detach().reshape(-1))
-                p.data = self.flat_param[offset : offset + n].view_as(p)
-            start, end = max(offset, lo), min(offset + n, lo + chunk)
-            segment = (start - offset, end - offset) if start < end else None
-            owned = 0 if segment is None else end - start
-            flat_p = p.detach().reshape(-1)
-            self.state[p] = {
-                "grad": self.flat_grad[offset : offset + n].view_as(p),
-                "segment": segment,
-                "master": flat_p[segment[0] : segment[1]].float().clone() if segment else None,
-                "exp_avg": torch.zeros(owned, dtype=torch.float32, device=device),
-                "exp_avg_sq": torch.zeros(owned, dtype=torch.float32, device=device),
-                "step": torch.zeros((), dtype=torch.float32, device=device),
-                # TP-sharded parameters count in the norm on every TP rank, replicated ones once
-                "counted": bool(getattr(p, "tensor_model_parallel", False)) or first,
-            }
-            offset += n
-            p.register_post_accumulate_grad_hook(self._accumulate)
+        for flat in self.flats:
+            self._lay_out(flat, first)
         self._global_grad_norm: torch.Tensor | None = None
         self.skip_nonfinite = skip_nonfinite
         self.skipped = torch.zeros((), dtype=torch.float32, device=device)
@@ -109,6 +138,34 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         # is copied in, which spares zeroing the whole buffer (a 6 GB memset at 1.5B parameters)
         # and reading it back in the first add.
         self._unwritten: set[torch.Tensor] = set(params)
+
+    def _lay_out(self, flat: _Flat, first_tp_rank: bool) -> None:
+        """Each parameter's views into its flat buffers, and the state of the slice it owns."""
+        lo, hi = flat.owned
+        offset = 0
+        for p in flat.params:
+            n = p.numel()
+            if flat.param is not None:
+                flat.param[offset : offset + n].copy_(p.detach().reshape(-1))
+                p.data = flat.param[offset : offset + n].view_as(p)
+            start, end = max(offset, lo), min(offset + n, hi)
+            segment = (start - offset, end - offset) if start < end else None
+            owned = 0 if segment is None else end - start
+            flat_p = p.detach().reshape(-1)
+            device = p.device
+            self.state[p] = {
+                "grad": flat.grad[offset : offset + n].view_as(p),
+                "segment": segment,
+                "master": flat_p[segment[0] : segment[1]].float().clone() if segment else None,
+                "exp_avg": torch.zeros(owned, dtype=torch.float32, device=device),
+                "exp_avg_sq": torch.zeros(owned, dtype=torch.float32, device=device),
+                "step": torch.zeros((), dtype=torch.float32, device=device),
+                # TP-sharded parameters count in the norm on every TP rank, replicated ones once
+                "counted": bool(getattr(p, "tensor_model_parallel", False)) or first_tp_rank,
+                "flat": flat,
+            }
+            offset += n
+            p.register_post_accumulate_grad_hook(self._accumulate)
 
     def _accumulate(self, p: torch.Tensor) -> None:
         if p in self._unwritten:
@@ -127,34 +184,39 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         return state["grad"].reshape(-1)[a:b], p.detach().reshape(-1)[a:b]
 
     def _reduce_gradients(self) -> None:
-        dp = _size(self.dp_group)
-        if dp == 1:
-            return
-        self.flat_grad.div_(dp)
-        if not self.shard:
-            dist.all_reduce(self.flat_grad, group=self.dp_group)
-        elif self.flat_grad.is_cuda:
-            lo, hi = self.owned
-            dist.reduce_scatter_tensor(self.flat_grad[lo:hi], self.flat_grad, group=self.dp_group)
-        else:  # gloo has no reduce-scatter: all-reduce, then this rank reads its slice only
-            dist.all_reduce(self.flat_grad, group=self.dp_group)
+        for flat in self.flats:
+            flat.reduce(self.dp)
 
-    def _grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of the (averaged) gradient over the whole model."""
+    def _sumsq(self, flat: _Flat) -> torch.Tensor:
+        """Sum of squares of the counted gradient elements this rank owns in `flat`."""
         pieces = [
-            owned[0] for g in self.param_groups for p in g["params"]
+            owned[0] for p in flat.params
             if self.state[p]["counted"] and (owned := self._owned(p)) is not None
         ]  # fmt: skip
-        if pieces:
-            sumsq = torch.stack(torch._foreach_norm(pieces)).square().sum()
-        else:
-            sumsq = torch.zeros((), device=self.flat_grad.device)
-        # sharded: every element lives on one DP rank, so sum over all ranks; else over the
-        # replica's model-parallel ranks (every DP rank holds the same sum)
-        group = None if self.shard else self.mp_group
-        if (dist.is_initialized() and self.shard) or _size(group) > 1:
-            dist.all_reduce(sumsq, group=group)
-        return sumsq.sqrt()
+        if not pieces:
+            return torch.zeros((), device=flat.grad.device)
+        return torch.stack(torch._foreach_norm(pieces)).square().sum()
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the (averaged) gradient over the whole model, each element once."""
+        sums = [self._sumsq(flat) for flat in self.flats]
+        if self.expert_dp_group is not None and len(self.flats) == 1:
+            sums.append(torch.zeros_like(sums[0]))  # a pipeline stage without experts
+        sums = torch.stack(sums)  # [dense, experts]: the same shape on every rank
+        if self.shard:  # every element is owned by one rank of its group: sum over all ranks
+            if dist.is_initialized():
+                dist.all_reduce(sums)
+            return sums.sum().sqrt()
+        if self.expert_dp_group is None:  # dense: every DP rank holds its replica's sum
+            if _size(self.mp_group) > 1:
+                dist.all_reduce(sums, group=self.mp_group)
+            return sums.sum().sqrt()
+        # with experts: a world sum counts each element once per replica of its buffer
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+            copies = [self.dp, _size(self.expert_dp_group)]
+            sums = sums / torch.tensor(copies, device=sums.device, dtype=sums.dtype)
+        return sums.sum().sqrt()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -196,19 +258,10 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 found_inf=found_inf,
             )
             torch._foreach_copy_([self._owned(p)[1] for p in mine], [s["master"] for s in states])
-        if self.shard:
-            self._gather_parameters()
+        for flat in self.flats:
+            if flat.shard:
+                flat.gather()
         self._forget_gradients()
-
-    def _gather_parameters(self) -> None:
-        lo, hi = self.owned
-        if self.flat_param.is_cuda:
-            dist.all_gather_into_tensor(
-                self.flat_param, self.flat_param[lo:hi], group=self.dp_group
-            )
-        else:  # gloo: the list form, into views of the flat buffer
-            chunks = list(self.flat_param.chunk(_size(self.dp_group)))
-            dist.all_gather(chunks, self.flat_param[lo:hi].clone(), group=self.dp_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -221,8 +274,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def full_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        """fp32 {param, exp_avg, exp_avg_sq} of parameter p, whole; collective over DP when
-        sharded (every DP rank calls it for the same parameters in the same order)."""
+        """fp32 {param, exp_avg, exp_avg_sq} of parameter p, whole; collective over its group
+        (DP, or expert DP) when sharded: every rank of it calls it for the same parameters in
+        the same order."""
         state = self.state[p]
         out = {}
         for kind, key in _KINDS:
@@ -230,8 +284,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             if state["segment"] is not None:
                 a, b = state["segment"]
                 full[a:b] = state[key]
-            if self.shard:
-                dist.all_reduce(full, group=self.dp_group)  # each element is owned once
+            if state["flat"].shard:  # each element is owned once in the group
+                dist.all_reduce(full, group=state["flat"].group)
             out[kind] = full.view_as(p)
         return out
 

@@ -21,6 +21,12 @@ weights. Not counted: DeepSpeed's communication buckets (reduce_bucket_size, ~1 
 transient fp32 gradient partition at the optimizer step, ZeRO alignment padding, ZeRO-3's gathered
 layer, the CUDA context.
 
+Mixture of experts (`model.moe`, layers `is_moe_layer`): the SwiGLU's 3 f h becomes a router
+E h (replicated) + the layer's routed experts 3 f_e h each, of which one expert-parallel rank
+holds E / ep (split by tp) + the shared experts 3 f_s h / tp (+ h for their gate). Routed-expert
+parameters are ZeRO-sharded over the expert-data-parallel group (dp / ep ranks), the rest over
+dp. Layout strings take the expert-parallel size after a slash: TPxPPxDP[:ZERO][/EP].
+
 Activations are ESTIMATES for one micro-batch (b sequences of s tokens) per stage: the tensors
 autograd saves for backward, measured op by op on this layer (sequence parallel off; e = 2 bytes
 in bf16, 4 in fp32; "/t" marks tensors split by tp, the rest are replicated on each TP rank):
@@ -38,6 +44,12 @@ in bf16, 4 in fp32; "/t" marks tensors split by tp, the rest are replicated on e
     head (last stage) (4 + 2e) sbh [final norm] + 4 sbV_pad / t [fp32 logits the vocab-parallel
                       CE keeps] + e sbV_pad / t transient [bf16 logits alive during the upcast]
     tokens/targets    int64 ids on the first stage, ids and mask in the CE on the last
+    MoE layer         in place of the SwiGLU: 4 sbE x 3 [fp32 router logits, scores, probs]
+                      + e sbkh x 2 [the k copies of each token entering the experts and their
+                      outputs before the combine] + 5 e sbk f_e / t [the experts' SwiGLU, for
+                      the sb k assignments a rank receives under balanced routing] + 5 e sb f_s
+                      / t [shared experts]; plus the all-to-all buffers (send and receive, e
+                      sbkh each), transient, counted once per stage as "dispatch"
 
 Residual adds and p=0 dropout save nothing. Activation checkpointing keeps only each layer's input
 (e sbh) plus, in the backward pass, one layer's full set while it is recomputed (on the last
@@ -77,10 +89,11 @@ class Layout:
     seq_len: int = 2048
     activation_checkpointing: bool = False
     precision: Literal["bf16", "fp32"] = "bf16"
+    ep: int = 1
 
     @property
     def name(self) -> str:
-        return f"{self.tp}x{self.pp}x{self.dp}"
+        return f"{self.tp}x{self.pp}x{self.dp}" + (f"/{self.ep}" if self.ep > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -115,11 +128,43 @@ def _layer_matrices(model: ModelConfig) -> int:
     return (n_q + 2 * n_kv) * d * h + h * n_q * d + 3 * f * h
 
 
+def _moe_parts(model: ModelConfig) -> tuple[int, int, int]:
+    """One MoE layer's (replicated, TP-split, routed-expert) parameters on top of its
+    attention and norms: router (+ shared gate), shared experts, all routed experts."""
+    moe, h = model.moe, model.hidden_size
+    f_e = moe.expert_ffn_hidden_size or model.ffn_hidden_size
+    replicated = moe.num_experts * h + (h if moe.shared_expert_gate else 0)
+    return replicated, 3 * moe.shared_expert_ffn_hidden_size * h, moe.num_experts * 3 * f_e * h
+
+
+def _layer_params(model: ModelConfig, index: int, tp: int, ep: int) -> tuple[int, int]:
+    """(non-expert, routed-expert) parameters of layer `index` on one TP x EP rank."""
+    h = model.hidden_size
+    if not model.moe.is_moe_layer(index):
+        return 2 * h + _layer_matrices(model) // tp, 0
+    mlp = 3 * model.ffn_hidden_size * h
+    replicated, shared, experts = _moe_parts(model)
+    return 2 * h + (_layer_matrices(model) - mlp + shared) // tp + replicated, experts // ep // tp
+
+
+def active_parameters(model: ModelConfig, vocab_size: int) -> int:
+    """Parameters one token passes through (its top-k experts of each MoE layer, not all E)."""
+    counts = parameter_counts(model, vocab_size)
+    if not model.moe.enabled:
+        return counts["total"]
+    _, _, experts = _moe_parts(model)
+    idle = experts * (model.moe.num_experts - model.moe.top_k) // model.moe.num_experts
+    moe_layers = sum(model.moe.is_moe_layer(i) for i in range(model.num_layers))
+    return counts["total"] - moe_layers * idle
+
+
 def parameter_counts(model: ModelConfig, vocab_size: int) -> dict[str, int]:
-    """Exact parameter counts: total, per_layer, layers, embedding, head, padded_vocab."""
+    """Exact parameter counts: total, per_layer (of a dense layer; the mean over the layers of
+    an MoE model), layers, embedding, head, padded_vocab."""
     h, v_pad = model.hidden_size, _padded_vocab(model, vocab_size)
-    per_layer = 2 * h + _layer_matrices(model)
-    counts = {"per_layer": per_layer, "layers": model.num_layers * per_layer}
+    layers = sum(sum(_layer_params(model, i, 1, 1)) for i in range(model.num_layers))
+    per_layer = layers // model.num_layers
+    counts = {"per_layer": per_layer, "layers": layers}
     counts |= {"embedding": v_pad * h, "head": h + v_pad * h, "padded_vocab": v_pad}
     counts["total"] = counts["layers"] + counts["embedding"] + counts["head"]
     return counts
@@ -130,14 +175,26 @@ def layers_per_stage(num_layers: int, pp: int) -> list[int]:
     return [num_layers // pp + (k < num_layers % pp) for k in range(pp)]
 
 
-def stage_parameter_counts(model: ModelConfig, vocab_size: int, tp: int, pp: int) -> list[int]:
-    """Parameters held by one TP rank of each pipeline stage."""
+def stage_parameter_counts(
+    model: ModelConfig, vocab_size: int, tp: int, pp: int, ep: int = 1
+) -> list[int]:
+    """Parameters held by one TP (x EP) rank of each pipeline stage."""
+    return [sum(split) for split in stage_parameter_split(model, vocab_size, tp, pp, ep)]
+
+
+def stage_parameter_split(
+    model: ModelConfig, vocab_size: int, tp: int, pp: int, ep: int = 1
+) -> list[tuple[int, int]]:
+    """(non-expert, routed-expert) parameters held by one TP (x EP) rank of each stage."""
     h, v_pad = model.hidden_size, _padded_vocab(model, vocab_size)
-    per_layer = 2 * h + _layer_matrices(model) // tp  # norms replicated on every TP rank
-    counts = [n * per_layer for n in layers_per_stage(model.num_layers, pp)]
-    counts[0] += v_pad * h // tp
-    counts[-1] += h + v_pad * h // tp
-    return counts
+    counts, first = [], 0
+    for n in layers_per_stage(model.num_layers, pp):
+        parts = [_layer_params(model, i, tp, ep) for i in range(first, first + n)]
+        counts.append([sum(p[0] for p in parts), sum(p[1] for p in parts)])
+        first += n
+    counts[0][0] += v_pad * h // tp
+    counts[-1][0] += h + v_pad * h // tp
+    return [(dense, experts) for dense, experts in counts]
 
 
 def layer_activation_bytes(model: ModelConfig, b: int, s: int, tp: int, e: int) -> int:
@@ -156,6 +213,19 @@ def layer_activation_bytes(model: ModelConfig, b: int, s: int, tp: int, e: int) 
     return norms + qkv + rope + attn + mlp
 
 
+def moe_layer_activation_bytes(model: ModelConfig, b: int, s: int, tp: int, e: int):
+    """(saved, transient dispatch buffers) bytes of one MoE layer (module docstring)."""
+    moe, h, sb = model.moe, model.hidden_size, s * b
+    f_e = moe.expert_ffn_hidden_size or model.ffn_hidden_size
+    dense_mlp = 5 * e * sb * model.ffn_hidden_size // tp
+    routed = 3 * 4 * sb * moe.num_experts + 2 * e * sb * moe.top_k * h
+    routed += (
+        5 * e * sb * moe.top_k * f_e // tp + 5 * e * sb * moe.shared_expert_ffn_hidden_size // tp
+    )
+    saved = layer_activation_bytes(model, b, s, tp, e) - dense_mlp + routed
+    return saved, 2 * e * sb * moe.top_k * h
+
+
 def head_activation_bytes(
     model: ModelConfig, v_pad: int, b: int, s: int, tp: int, e: int
 ) -> tuple[int, int]:
@@ -170,9 +240,16 @@ def head_activation_bytes(
 def _stage_activations(model: ModelConfig, v_pad: int, layout: Layout, k: int) -> int:
     b, s, tp, pp = layout.micro_batch_size, layout.seq_len, layout.tp, layout.pp
     e = 2 if layout.precision == "bf16" else 4
-    n, last = layers_per_stage(model.num_layers, pp)[k], k == pp - 1
+    sizes = layers_per_stage(model.num_layers, pp)
+    n, last = sizes[k], k == pp - 1
     x = e * s * b * model.hidden_size  # one [s, b, h] hidden state
-    layer = layer_activation_bytes(model, b, s, tp, e)
+    dense = layer_activation_bytes(model, b, s, tp, e)
+    moe, dispatch = moe_layer_activation_bytes(model, b, s, tp, e) if model.moe.enabled else (0, 0)
+    first = sum(sizes[:k])
+    kinds = [model.moe.is_moe_layer(i) for i in range(first, first + n)]
+    layers = sum(moe if is_moe else dense for is_moe in kinds)
+    layer = max((moe if is_moe else dense for is_moe in kinds), default=0)
+    layer += dispatch if any(kinds) else 0  # one layer's all-to-all buffers at a time
     head_saved, head_transient = head_activation_bytes(model, v_pad, b, s, tp, e)
     per_mb = 8 * s * b if k == 0 else 0  # token ids for the embedding's backward
     per_mb += x if not last else 0  # output sent downstream, kept until its gradient comes back
@@ -181,10 +258,11 @@ def _stage_activations(model: ModelConfig, v_pad: int, layout: Layout, k: int) -
         per_mb += n * x
         head = head_saved + head_transient if last else 0
         return (pp - k) * per_mb + max(head, layer if n else 0)
-    per_mb += n * layer + (x if k > 0 else 0)
+    per_mb += layers + (x if k > 0 else 0)
+    transient = dispatch if any(kinds) else 0
     if last:
-        return per_mb + head_saved + head_transient
-    return (pp - k) * per_mb
+        return per_mb + max(head_transient, transient) + head_saved
+    return (pp - k) * per_mb + transient
 
 
 def check_layout(model: ModelConfig, layout: Layout) -> None:
@@ -194,7 +272,7 @@ def check_layout(model: ModelConfig, layout: Layout) -> None:
     if layout.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"layout {layout.name}: ZeRO stage must be 0..3")
     try:
-        Topology(tp=layout.tp, pp=layout.pp, dp=layout.dp).validate(
+        Topology(tp=layout.tp, pp=layout.pp, dp=layout.dp, ep=layout.ep).validate(
             model, zero_stage=layout.zero_stage
         )
     except ConfigError as exc:
@@ -205,15 +283,20 @@ def per_gpu_memory(model: ModelConfig, vocab_size: int, layout: Layout) -> Memor
     """Per-GPU bytes on the pipeline stage with the largest total."""
     check_layout(model, layout)
     w, g, o = _BYTES[layout.precision]
-    dp, zero = layout.dp, layout.zero_stage
+    dp, zero, ep = layout.dp, layout.zero_stage, layout.ep
     v_pad = _padded_vocab(model, vocab_size)
 
-    def shard(n: int, stage: int) -> int:  # ZeRO partitions over dp (ceil: the last rank pads)
-        return -(-n // dp) if zero >= stage else n
+    def shard(n: int, stage: int, over: int = dp) -> int:  # ZeRO over dp (ceil: last pads)
+        return -(-n // over) if zero >= stage else n
 
     best: MemoryEstimate | None = None
-    for k, n in enumerate(stage_parameter_counts(model, vocab_size, layout.tp, layout.pp)):
-        params, grads, opt = w * shard(n, 3), g * shard(n, 2), o * shard(n, 1)
+    stages = stage_parameter_split(model, vocab_size, layout.tp, layout.pp, ep)
+    for k, (dense, experts) in enumerate(stages):
+        n = dense + experts  # routed experts are sharded over the dp / ep ranks that hold them
+        params, grads, opt = (
+            b * (shard(dense, stage) + shard(experts, stage, dp // ep))
+            for b, stage in ((w, 3), (g, 2), (o, 1))
+        )
         act = _stage_activations(model, v_pad, layout, k)
         total = params + grads + opt + act
         if best is None or total > best.total:
@@ -250,17 +333,19 @@ def format_table(rows: list[PlanRow]) -> str:
     return "\n".join(lines)
 
 
-_LAYOUT = re.compile(r"(\d+)x(\d+)x(\d+)(?::(\d))?")
+_LAYOUT = re.compile(r"(\d+)x(\d+)x(\d+)(?::(\d))?(?:/(\d+))?")
 
 
-def parse_layout(text: str, *, zero_stage: int, **rest: Any) -> Layout:
-    """'TPxPPxDP[:ZERO]' -> Layout; `rest` fills micro-batch, seq-len, checkpointing, precision."""
+def parse_layout(text: str, *, zero_stage: int, ep: int = 1, **rest: Any) -> Layout:
+    """'TPxPPxDP[:ZERO][/EP]' -> Layout; `rest` fills micro-batch, seq-len, checkpointing,
+    precision; `ep` is the expert-parallel size when the text names none."""
     match = _LAYOUT.fullmatch(text.strip().lower())
     if match is None:
-        raise ConfigError(f"--layout '{text}': expected TPxPPxDP[:ZERO], e.g. 4x2x8:1")
+        raise ConfigError(f"--layout '{text}': expected TPxPPxDP[:ZERO][/EP], e.g. 4x2x8:1")
     tp, pp, dp = (int(x) for x in match.groups()[:3])
     zero = int(match.group(4)) if match.group(4) is not None else zero_stage
-    return Layout(tp, pp, dp, zero, **rest)
+    ep = int(match.group(5)) if match.group(5) is not None else ep
+    return Layout(tp, pp, dp, zero, ep=ep, **rest)
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -271,7 +356,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--layout",
         action="append",
-        metavar="TPxPPxDP[:ZERO]",
+        metavar="TPxPPxDP[:ZERO][/EP]",
         help=f"parallel layout, repeatable (default: {' '.join(DEFAULT_LAYOUTS)})",
     )
     parser.add_argument("--micro-batch", type=int, help="default: train.micro_batch_size")
@@ -293,6 +378,7 @@ def run_plan(args: argparse.Namespace) -> int:
         seq_len=args.seq_len or cfg.data.seq_len,
         activation_checkpointing=cfg.model.activation_checkpointing,
         precision="fp32" if cfg.train.precision == "fp32" else "bf16",
+        ep=cfg.parallel.expert_parallel,
     )
     rows: list[PlanRow] = []
     notes: list[str] = []
@@ -309,6 +395,31 @@ def run_plan(args: argparse.Namespace) -> int:
         "\nPer GPU on the heaviest pipeline stage. Weights/grads/optimizer are exact for this "
         "model; activations are estimates (no allocator overhead, temporaries or fragmentation)."
     )
+    if cfg.model.moe.enabled:
+        print(moe_notes(cfg.model, vocab, [layout for _, layout, _ in rows]))
     for note in notes:
         print(note)
     return 0
+
+
+def moe_notes(model: ModelConfig, vocab_size: int, layouts: list[Layout]) -> str:
+    """Experts per GPU and the all-to-all buffers of each layout, for the plan's footer."""
+    moe = model.moe
+    total, active = (
+        parameter_counts(model, vocab_size)["total"],
+        active_parameters(model, vocab_size),
+    )
+    lines = [
+        f"MoE: {moe.num_experts} experts per MoE layer, top-{moe.top_k}; "
+        f"{_count(total)} parameters, {_count(active)} active per token"
+    ]
+    for lay in layouts:
+        e = 2 if lay.precision == "bf16" else 4
+        _, dispatch = moe_layer_activation_bytes(
+            model, lay.micro_batch_size, lay.seq_len, lay.tp, e
+        )
+        lines.append(
+            f"  {lay.name}: {moe.num_experts // lay.ep} experts per GPU per layer, all-to-all "
+            f"buffers {dispatch / GiB:.2f} GiB (transient, one layer at a time; balanced routing)"
+        )
+    return "\n".join(lines)

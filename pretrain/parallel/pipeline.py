@@ -27,12 +27,11 @@ import re
 
 import torch
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.spec_utils import build_module
 
 from pretrain.config import ModelConfig
 from pretrain.model.attention import get_attention_backend
 from pretrain.model.inputs import ModelInputs, signature, unpack_side
-from pretrain.model.layers import RotaryEmbedding, transformer_layer_spec
+from pretrain.model.layers import RotaryEmbedding, build_layer
 from pretrain.model.transformer import (
     OutputHead,
     TokenEmbedding,
@@ -79,13 +78,10 @@ class LayerStage(torch.nn.Module):
         config: TransformerConfig,
         layer_number: int,
         shared: _StageInputs,
+        moe_groups=None,
     ):
         super().__init__()
-        self.layer = build_module(
-            transformer_layer_spec(model.attention_backend),
-            config=config,
-            layer_number=layer_number,
-        )
+        self.layer = build_layer(model, config, layer_number, moe_groups)
         self.rotary = RotaryEmbedding(config.kv_channels, model.rope_base)
         self.recompute = model.activation_checkpointing
         self.tp = config.tensor_model_parallel_size
@@ -139,13 +135,17 @@ def build_pipeline_module(
     topology,
     tp_rank: int,
     tp_group,
+    moe_groups=None,
 ):
     from deepspeed.pipe import LayerSpec, PipelineModule
 
     loss = _LossQueue()
     shared = _StageInputs(model.attention_backend)
     specs = [LayerSpec(EmbeddingStage, config, padded_vocab)]
-    specs += [LayerSpec(LayerStage, model, config, i + 1, shared) for i in range(model.num_layers)]
+    specs += [
+        LayerSpec(LayerStage, model, config, i + 1, shared, moe_groups)
+        for i in range(model.num_layers)
+    ]
     specs.append(
         LayerSpec(
             HeadStage,
@@ -193,11 +193,8 @@ class PipelineParallelEngine(Engine):
         self._signature = None
         self.last_stage = ds.is_last_stage()
 
-    def canonical_parameters(self):
-        return [
-            (canonical_pipe_name(name, self.num_layers), p)
-            for name, p in self.ds.module.named_parameters()
-        ]
+    def _named(self, named):
+        return [(canonical_pipe_name(name, self.num_layers), t) for name, t in named]
 
     def _feed(self, items: list[tuple[ModelInputs, object]]):
         """Queue the closures on the last stage and return DeepSpeed's data iterator. When the
@@ -221,6 +218,7 @@ class PipelineParallelEngine(Engine):
         ]
         with self.kernels():
             self.ds.train_batch(data_iter=self._feed(items))
+        self.after_step()
         return _mean(self.loss.take())
 
     @torch.no_grad()

@@ -50,6 +50,14 @@ class Runtime:
         return self.topology.dp
 
     @property
+    def ep(self) -> int:
+        return self.topology.ep
+
+    @property
+    def ep_rank(self) -> int:
+        return self.topology.expert_coordinates(self.rank)[0]
+
+    @property
     def tp_rank(self) -> int:
         return self.topology.coordinates(self.rank)[2]
 
@@ -121,15 +129,18 @@ def init_runtime(cfg: Config) -> Runtime:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     topology = Topology.from_config(cfg, dist.get_world_size())
-    tp, pp = topology.tp, topology.pp
+    tp, pp, ep = topology.tp, topology.pp, topology.ep
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
         )
     elif (
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
-    ) != (tp, pp):
+        parallel_state.get_expert_model_parallel_world_size(),
+    ) != (tp, pp, ep):
         # DeepSpeed caches process groups per process, so a layout cannot change in-process.
         raise RuntimeError("this process already runs another parallel layout; start a new one")
     precision = resolve_precision(cfg, device)
@@ -141,6 +152,9 @@ def init_runtime(cfg: Config) -> Runtime:
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_tensor_model_parallel_rank(),
     ), f"rank {rank}: topology and Megatron-core disagree on the rank layout"
+    assert (
+        topology.expert_coordinates(rank)[0] == parallel_state.get_expert_model_parallel_rank()
+    ), f"rank {rank}: topology and Megatron-core disagree on the expert-parallel rank"
     return Runtime(
         rank=rank,
         world_size=topology.world_size,

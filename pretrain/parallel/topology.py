@@ -20,6 +20,10 @@ class Topology:
     tp: int
     pp: int
     dp: int
+    ep: int = 1
+    """Expert-parallel size: groups of `ep` consecutive data-parallel ranks split the experts
+    (Megatron-core's expert layout with expert TP = TP: data rank = ep rank + ep * expert-data
+    rank)."""
 
     @property
     def world_size(self) -> int:
@@ -28,6 +32,11 @@ class Topology:
     def coordinates(self, rank: int) -> tuple[int, int, int]:
         """(pp_rank, dp_rank, tp_rank) of a global rank."""
         return rank // (self.tp * self.dp), (rank // self.tp) % self.dp, rank % self.tp
+
+    def expert_coordinates(self, rank: int) -> tuple[int, int]:
+        """(expert-parallel rank, expert-data-parallel rank) of a global rank."""
+        dp_rank = self.coordinates(rank)[1]
+        return dp_rank % self.ep, dp_rank // self.ep
 
     @classmethod
     def from_config(cls, cfg: Config, world_size: int) -> Topology:
@@ -38,7 +47,8 @@ class Topology:
                 f"world size {world_size} is not divisible by parallel.tensor_parallel ({tp}) x "
                 f"parallel.pipeline_parallel ({pp})"
             )
-        topo = cls(tp=tp, pp=pp, dp=world_size // (tp * pp))
+        ep = cfg.parallel.expert_parallel
+        topo = cls(tp=tp, pp=pp, dp=world_size // (tp * pp), ep=ep)
         topo.validate(cfg.model, zero_stage=cfg.parallel.zero_stage)
         return topo
 
@@ -63,6 +73,16 @@ class Topology:
         if m.num_layers < pp:
             raise ConfigError(
                 f"model.num_layers ({m.num_layers}) must be >= parallel.pipeline_parallel ({pp})"
+            )
+        if self.dp % self.ep:
+            raise ConfigError(
+                f"parallel.expert_parallel ({self.ep}) must divide the data-parallel size "
+                f"({self.dp} = world size / (tensor_parallel x pipeline_parallel))"
+            )
+        if self.ep > 1 and m.moe.num_experts % self.ep:
+            raise ConfigError(
+                f"model.moe.num_experts ({m.moe.num_experts}) must be divisible by "
+                f"parallel.expert_parallel ({self.ep})"
             )
         if pp > 1 and zero_stage > 1:
             raise ConfigError(

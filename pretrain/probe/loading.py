@@ -46,13 +46,19 @@ def load_model(
     from pretrain.checkpoint.format import load_weights
     from pretrain.checkpoint.manager import open_checkpoint
     from pretrain.config import load_config
+    from pretrain.model.moe import model_tensors
     from pretrain.model.parallelize import build_model
     from pretrain.parallel.runtime import init_runtime
 
     ckpt = resolve_checkpoint(path)
     cfg = load_config(
         ckpt / "config.yaml",
-        ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", *overrides],
+        [
+            "parallel.tensor_parallel=1",
+            "parallel.pipeline_parallel=1",
+            "parallel.expert_parallel=1",
+            *overrides,
+        ],
     )
     rt = init_runtime(cfg)
     manifest = Manifest.load(cfg.data.path)
@@ -63,8 +69,8 @@ def load_model(
         mask_token_id=tok.mask_id,
     )
     load_weights(
-        open_checkpoint(ckpt, num_layers=cfg.model.num_layers, verify=verify),
-        model.named_parameters(),
+        open_checkpoint(ckpt, model=cfg.model, verify=verify),
+        model_tensors(model),  # parameters and the MoE routers' expert biases
         tp_rank=0,
         tp_size=1,
     )
