@@ -13,7 +13,10 @@ class DLMConfig(PretrainedConfig):
     """Bidirectional Llama-style transformer trained as a masked diffusion LM.
 
     `vocab_size` is the number of embedding rows (padded); ids >= `prediction_vocab_size` and the
-    `mask_token_id` can never be predicted: their logits are -inf.
+    `mask_token_id` can never be predicted: their logits are -inf. `diffusion` records the
+    training objective and noise schedule (dlm-pretrain's `diffusion` config section), which
+    decide how the model is scored and sampled; None for exports that predate it (masked
+    diffusion with the linear schedule).
     """
 
     model_type = "dlm"
@@ -35,6 +38,7 @@ class DLMConfig(PretrainedConfig):
         eos_token_id: int | None = 0,
         pad_token_id: int | None = None,
         tie_word_embeddings: bool = False,
+        diffusion: dict | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -50,6 +54,7 @@ class DLMConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
         self.mask_token_id = mask_token_id
+        self.diffusion = diffusion
         super().__init__(
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
