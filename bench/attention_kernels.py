@@ -21,7 +21,7 @@ import time
 import torch
 
 from pretrain.model.attention import ATTENTION_BACKENDS, get_attention_backend
-from pretrain.model.documents import DocumentMask
+from pretrain.model.masks import AttentionMask, DocumentMask
 
 
 def packed_ids(batch: int, seq: int, mean: float, gen: torch.Generator) -> torch.Tensor:
@@ -98,7 +98,10 @@ def main() -> None:
     reference = ATTENTION_BACKENDS["masked"].fn
     rows = []
     for case in ("full", "documents"):
-        mask_of = {"full": lambda be: None, "documents": lambda be: be.documents(docs)}[case]
+        mask_of = {
+            "full": lambda be: None,
+            "documents": lambda be: be.prepare(AttentionMask(documents=docs)),
+        }[case]
         ref_q, ref_k, ref_v = (t.detach().float().requires_grad_() for t in (q, k, v))
         ref_mask = None if case == "full" else docs.dense()
         ref_out = reference(ref_q, ref_k, ref_v, mask=ref_mask)
@@ -152,7 +155,7 @@ def main() -> None:
 def sdpa_only(kernel: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from pretrain.parallel.engine import SDPA_BACKENDS
+    from pretrain.parallel.build import SDPA_BACKENDS
 
     return lambda: sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[kernel])])
 

@@ -11,11 +11,15 @@
 #   bash bench/gpu.sh flash-wait LOG SECS   wait up to SECS for the build, then install its wheel
 #                                           into SITE (exit 1 if it is not there by then)
 #   bash bench/gpu.sh bench OUT [ARGS...]   bench/train_step.py with ARGS, JSON lines to OUT
+#   bash bench/gpu.sh convergence DATA OUT [ARGS...]
+#                                           experiments/fp8_convergence.py on shards DATA
 #
 # Wheels to carry (built or downloaded on a machine with network, Python 3.12):
 #   DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8
 #   pip download --no-deps --python-version 3.12 --only-binary :all: megatron-core==0.16.1 \
 #       pydantic pydantic-core annotated-types typing-inspection hjson webdataset braceexpand
+#   pip download --no-deps --python-version 3.12 --only-binary :all: torchao==0.18.0
+#       (model.fp8 and the *+fp8 modes; its float8 training needs none of its C++ extensions)
 #   flash-attn sdist (optional): the .tar.gz from PyPI into WHEELS/src/
 set -euo pipefail
 WHEELS=${WHEELS:-.whl}
@@ -28,6 +32,9 @@ case "${1:-}" in
 setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl
     python3 -c "import deepspeed, megatron.core, webdataset, torch; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))"
+    if ls "$WHEELS"/torchao-*.whl >/dev/null 2>&1; then
+        python3 -c "import torch, torchao.float8; print('torchao', torchao.__version__, 'FP8 tensor cores:', torch.cuda.get_device_capability(0) >= (8, 9))"
+    fi
     ;;
 flash-build)
     log=$(realpath -m "$2")
@@ -66,8 +73,13 @@ bench)
     shift 2
     python3 bench/train_step.py --out "$out" "$@"
     ;;
+convergence)
+    data=$2 out=$3
+    shift 3
+    python3 experiments/fp8_convergence.py --data "$data" --out "$out" "$@"
+    ;;
 *)
-    sed -n '2,16p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac

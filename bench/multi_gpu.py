@@ -80,14 +80,15 @@ def worker(spec_path: str) -> None:
 def timing(cfg, steps: int) -> dict:
     """tokens/s per device over `steps` steps, and the NCCL share of device time (CUDA)."""
     import torch
-    from train_step import build_step
 
-    from pretrain.trainer import step_batches
+    from pretrain.run import build_run
 
-    rt, data, objective, engine = build_step(cfg)
+    run = build_run(cfg, resume=False)
+    rt, data, engine, recipe = run.rt, run.data, run.engine, run.recipe
 
     def step(i: int) -> None:
-        engine.global_metrics(engine.train_step(step_batches(data, objective, cfg, rt, i)))
+        local = engine.train_step(run.step_batches(i), recipe.loss)
+        engine.global_metrics(local, recipe.train_metric_names)
 
     for i in range(3):  # warm-up (compilation)
         step(i)

@@ -8,18 +8,25 @@ Modes (each in its own process, so none inherits another's memory or compile cac
                  the objective's corruption, the DeepSpeed engine (bf16 weights, fp32 master,
                  ZeRO from the config), metrics brought to the host as the trainer does
   ours+compile   the same with `model.compile=true`
+  ours+fp8       ours+compile with `model.fp8=tensorwise`: every linear's GEMMs in FP8 (torchao)
+  ours+fp8-rowwise  the same with `model.fp8=rowwise`
   reference      `bench/reference.py`: fp32 weights, bf16 autocast, logits at every position,
                  fused AdamW, grad clipping, `torch.compile` of the whole model
   check          one batch through ours and through the reference loaded with our weights: the
                  two losses must agree within bf16 tolerance
+  check+fp8      the same with ours in FP8 (tensorwise, eager): the loss's FP8 error at init
 Shards are built once (`dlm data build --demo`) under --data unless they exist there.
 
-MFU = tokens/s x FLOPs/token / 989e12 (dense bf16, H100/H200). FLOPs/token = 6 N + 12 L s d
-(DESIGN.md sec. 8, bidirectional attention in full). The reference runs the output layer on every
-position; ours runs it on masked positions only, so for ours N counts the output layer times the
-measured masked fraction (`mfu`), and `mfu_all_positions` credits it as if it ran everywhere, the
-figure comparable with the reference's. A torch.profiler pass splits device time into attention,
-matmuls, loss, optimizer and the rest, and `data_ms` is the host time to fetch and corrupt a batch.
+MFU = tokens/s x FLOPs/token / 989e12, the dense bf16 peak of an H100/H200, for every mode: FP8
+modes are measured against the same bf16 denominator (not the 1979 TFLOP/s FP8 peak), so MFUs
+compare as speeds. FLOPs/token = 6 N + 12 L s d (docs/design.md §8, bidirectional attention in
+full). The reference runs the output layer on every position; ours runs it on masked positions
+only, so for ours N counts the output layer times the measured masked fraction (`mfu`), and
+`mfu_all_positions` credits it as if it ran everywhere, the figure comparable with the
+reference's. `fp8_flop_share` is the part of FLOPs/token done by FP8 GEMMs: every linear (6 N)
+with `model.fp8`, never attention (12 L s d, cuDNN in bf16). A torch.profiler pass splits device
+time into attention, matmuls, loss, optimizer and the rest, and `data_ms` is the host time to
+fetch and corrupt a batch.
 """
 
 from __future__ import annotations
@@ -131,15 +138,20 @@ def host_profile(step_fn, steps: int = 3) -> dict[str, float]:
     return out
 
 
+def attention_flops_per_token(model, seq: int) -> float:
+    """Scores and weighted values, forward and backward, bidirectional in full: 12 L s d."""
+    return 12 * model.num_layers * seq * model.hidden_size
+
+
 def flops_per_token(model, padded_vocab: int, seq: int, head_fraction: float) -> float:
     d, hd = model.hidden_size, model.hidden_size // model.num_attention_heads
     groups = model.num_query_groups or model.num_attention_heads
     per_layer = d * (d + 2 * groups * hd) + d * d + 3 * d * model.ffn_hidden_size
     n = model.num_layers * per_layer + head_fraction * padded_vocab * d
-    return 6 * n + 12 * model.num_layers * seq * d
+    return 6 * n + attention_flops_per_token(model, seq)
 
 
-def config(a, compile_layers: bool):
+def config(a, compile_layers: bool, fp8: str | None = None):
     from pretrain.config import load_config
 
     overrides = [
@@ -148,49 +160,35 @@ def config(a, compile_layers: bool):
         f"model.compile={str(compile_layers).lower()}",
         f"train.micro_batch_size={a.micro_batch}",
         "train.grad_accum_steps=1",
-        "train.device=cuda",
+        f"train.device={a.device}",
         f"train.steps={a.warmup + a.steps + 10}",
         "train.eval_batches=0",
         "tracking.enabled=false",
         *a.set,
+        *([f"model.fp8={fp8}"] if fp8 else []),  # the mode's recipe wins over --set
     ]
     return load_config(a.config, overrides)
 
 
-def build_step(cfg):
-    """What the trainer builds for a fresh run of `cfg`: (runtime, data, objective, engine)."""
-    from pretrain.diffusion.objective import build_objective
-    from pretrain.parallel.engine import build_engine
-    from pretrain.parallel.runtime import init_runtime
-    from pretrain.trainer import TrainData
+def build_ours(a, compile_layers: bool, fp8: str | None = None):
+    """What the trainer builds for a fresh run (`pretrain.run.build_run`)."""
+    from pretrain.run import build_run
 
-    rt = init_runtime(cfg)
-    data = TrainData(cfg, rt)
-    mask_id = data.manifest.tokenizer.mask_id
-    objective = build_objective(cfg.diffusion, mask_id=mask_id, seq_len=cfg.data.seq_len)
-    engine = build_engine(
-        cfg, rt, vocab_size=data.vocab_size, mask_token_id=mask_id, objective=objective
-    )
-    return rt, data, objective, engine
-
-
-def build_ours(a, compile_layers: bool):
-    from pretrain.trainer import step_batches
-
-    cfg = config(a, compile_layers)
-    rt, data, objective, engine = build_step(cfg)
+    cfg = config(a, compile_layers, fp8)
+    run = build_run(cfg, resume=False)
     counter = iter(range(10**9))
 
     def next_batch():  # the trainer's corruption and host-to-device copies
-        return step_batches(data, objective, cfg, rt, next(counter))[0]
+        return run.step_batches(next(counter))[0]
 
-    return cfg, engine, objective, data, next_batch
+    return cfg, run, next_batch
 
 
-def run_ours(a, compile_layers: bool) -> dict:
+def run_ours(a, compile_layers: bool, fp8: str | None = None) -> dict:
     from pretrain.parallel.engine import host_metrics
 
-    cfg, engine, _, data, next_batch = build_ours(a, compile_layers)
+    cfg, run, next_batch = build_ours(a, compile_layers, fp8)
+    engine, recipe = run.engine, run.recipe
     masked, pending = [], []
 
     def read(metrics):
@@ -199,7 +197,8 @@ def run_ours(a, compile_layers: bool) -> dict:
 
     def step():
         batch = next_batch()
-        pending.append(engine.global_metrics(engine.train_step([batch])))  # the trainer's call
+        local = engine.train_step([batch], recipe.loss)  # the trainer's calls
+        pending.append(engine.global_metrics(local, recipe.train_metric_names))
         if len(pending) == cfg.train.log_interval:  # the trainer reads metrics at its log lines
             read(pending)
 
@@ -219,6 +218,12 @@ def run_ours(a, compile_layers: bool) -> dict:
     result["masked_fraction"] = sum(masked) / len(masked)
     result["flops_per_token"] = body + head * fraction  # masked rows per data token
     result["flops_per_token_all_positions"] = body + head * copies
+    # FP8 GEMMs: every linear of the layers and the head; attention is never FP8
+    linear = result["flops_per_token"] - copies * attention_flops_per_token(
+        cfg.model, copies * a.seq
+    )
+    result["fp8_flop_share"] = linear / result["flops_per_token"] if cfg.model.fp8 else 0.0
+    result["fp8"] = cfg.model.fp8 or "off"
     result["params"] = sum(p.numel() for p in engine.ds.module.parameters())
     return result
 
@@ -226,11 +231,11 @@ def run_ours(a, compile_layers: bool) -> dict:
 def run_reference(a) -> dict:
     from reference import build_reference
 
+    from pretrain.config.schema import padded_vocab_size
     from pretrain.diffusion.corruption import CorruptionKey, to_device
     from pretrain.diffusion.objective import build_objective
-    from pretrain.model.transformer import padded_vocab_size
     from pretrain.parallel.runtime import init_runtime
-    from pretrain.trainer import TrainData
+    from pretrain.run import TrainData
 
     cfg = config(a, False)
     rt = init_runtime(cfg)
@@ -240,16 +245,17 @@ def run_reference(a) -> dict:
     padded = padded_vocab_size(data.vocab_size, cfg.model.make_vocab_size_divisible_by)
     torch.manual_seed(0)
     model = build_reference(cfg.model, vocab=data.vocab_size, padded_vocab=padded, mask_id=mask_id)
-    model.cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    model.to(a.device)
+    cuda = a.device == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=cuda)
     forward = torch.compile(model)
     counter = iter(range(10**9))
     losses = []
 
     def step():
         key = CorruptionKey(cfg.train.seed, next(counter))
-        batch = objective.prepare(to_device(next(data.stream), "cuda"), key)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        batch = objective.prepare(to_device(next(data.stream), a.device), key)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             loss = forward(batch.inputs, batch.targets, batch.loss_weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -266,14 +272,17 @@ def run_reference(a) -> dict:
     return result
 
 
-def run_check(a) -> dict:
-    """Same batch and mask through ours (bf16 DeepSpeed engine) and the reference (our weights)."""
+def run_check(a, fp8: str | None = None) -> dict:
+    """Same batch and mask through ours (bf16 DeepSpeed engine, FP8 matmuls with `fp8`) and the
+    reference (our weights, bf16 autocast)."""
     from reference import build_reference, load_canonical
 
-    cfg, engine, objective, data, next_batch = build_ours(a, False)
-    batch = next_batch()
+    cfg, run, next_batch = build_ours(a, False, fp8)
+    engine, objective, data = run.engine, run.recipe.objective, run.data
+    step = next_batch()
+    batch = step.batch
     with torch.no_grad():
-        ours = float(engine.eval_step(batch)["loss"])
+        ours = float(engine.eval_step(step, run.recipe.loss)["loss"])
         module = engine.ds.module
         canonical = {n: p.detach().float() for n, p in engine.canonical_parameters()}
         ref = build_reference(
@@ -281,10 +290,10 @@ def run_check(a) -> dict:
             vocab=data.vocab_size,
             padded_vocab=module.padded_vocab,
             mask_id=objective.mask_id,
-        ).cuda()
+        ).to(a.device)
         load_canonical(ref, canonical)
         del canonical
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.device == "cuda"):
             reference = ref(batch.inputs, batch.targets, batch.loss_weights).item()
     return {
         "loss_ours": ours,
@@ -334,19 +343,22 @@ def measure(step_fn, a) -> dict:
     syncs = host_syncs(step_fn) if a.sync_debug else []
     if syncs:
         print("host syncs in a step: " + ", ".join(syncs), flush=True)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = a.device == "cuda"  # `--device cpu`: the CPU check of this script (no profiles)
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(a.steps):
         step_fn()
-    torch.cuda.synchronize()
+    sync()
     elapsed = (time.perf_counter() - t0) / a.steps
     return {
         "step_ms": elapsed * 1e3,
         "tokens_per_s": a.micro_batch * a.seq / elapsed,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "device_ms": profile(step_fn) if a.profile else {},
-        "host_ms": host_profile(step_fn) if a.profile else {},
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "device_ms": profile(step_fn) if a.profile and cuda else {},
+        "host_ms": host_profile(step_fn) if a.profile and cuda else {},
         "host_syncs": syncs,
     }
 
@@ -354,8 +366,11 @@ def measure(step_fn, a) -> dict:
 RUNNERS = {
     "ours": lambda a: run_ours(a, False),
     "ours+compile": lambda a: run_ours(a, True),
+    "ours+fp8": lambda a: run_ours(a, True, "tensorwise"),
+    "ours+fp8-rowwise": lambda a: run_ours(a, True, "rowwise"),
     "reference": run_reference,
     "check": run_check,
+    "check+fp8": lambda a: run_check(a, "tensorwise"),
 }
 
 
@@ -371,9 +386,9 @@ def ensure_data(a) -> None:
 def row(mode: str, r: dict) -> str:
     if "error" in r:
         return f"| {mode} | failed: {r['error'][:120]} |"
-    if mode == "check":
+    if mode.startswith("check"):
         ours, ref = r["loss_ours"], r["loss_reference"]
-        return f"| check | loss ours {ours:.4f} vs reference {ref:.4f} (rel {r['rel_diff']:.1e}) |"
+        return f"| {mode} | loss ours {ours:.4f} vs reference {ref:.4f} (rel {r['rel_diff']:.1e}) |"
     mfu = r["tokens_per_s"] * r["flops_per_token"] / PEAK_FLOPS
     r["mfu"] = mfu
     extra = ""
@@ -381,8 +396,9 @@ def row(mode: str, r: dict) -> str:
         r["mfu_all_positions"] = r["tokens_per_s"] * r["flops_per_token_all_positions"] / PEAK_FLOPS
         extra = f" ({100 * r['mfu_all_positions']:.1f}% all-positions)"
     split = " ".join(f"{k} {v:.0f}" for k, v in r.get("device_ms", {}).items())
+    fp8_share = f"{100 * r.get('fp8_flop_share', 0.0):.0f}%"
     return (
-        f"| {mode} | {r['tokens_per_s'] / 1e3:.1f}k | {100 * mfu:.1f}%{extra} | "
+        f"| {mode} | {r['tokens_per_s'] / 1e3:.1f}k | {100 * mfu:.1f}%{extra} | {fp8_share} | "
         f"{r['step_ms']:.0f} | {r['peak_memory_gib']:.1f} | {split} |"
     )
 
@@ -403,6 +419,9 @@ def main() -> None:
     p.add_argument("--data", default=None, help="shard directory (built if missing)")
     p.add_argument("--documents", type=int, default=20000, help="demo documents if building")
     p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="cpu: checks this script only"
+    )
     p.add_argument("--sync-debug", action="store_true", help="list host syncs of one step")
     p.add_argument(
         "--sync-trace", action="store_true", help="print the stack of the first host sync in a step"
@@ -421,16 +440,20 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
     ensure_data(a)
-    props = torch.cuda.get_device_properties(0)
+    if a.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        device = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    else:
+        device = f"CPU ({os.cpu_count()} cores)"
     header = (
-        f"{props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, python "
+        f"{device}, torch {torch.__version__}, python "
         f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}: {a.config} seq {a.seq} x "
         f"micro-batch {a.micro_batch} {' '.join(a.set)} {a.label}"
     )
     print(header, flush=True)
     rows = [
-        "| mode | tokens/s | MFU | step ms | peak GiB | device ms by kind |",
-        "|---|---|---|---|---|---|",
+        "| mode | tokens/s | MFU (bf16 peak) | FP8 FLOPs | step ms | peak GiB | device ms |",
+        "|---|---|---|---|---|---|---|",
     ]
     for mode in a.modes.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--modes", mode, "--child"]

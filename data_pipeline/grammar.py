@@ -39,6 +39,7 @@ would dilute the metric; the copula has both tenses.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -415,7 +416,8 @@ def agreement_error_rate(texts: Iterable[str]) -> tuple[float, int]:
     """Fraction of parsed sentences in ``texts`` that violate agreement, and how many parsed.
 
     Unparsable sentences are excluded (they are a fluency failure, not an agreement one);
-    the rate is 0.0 when nothing parses. A bare string is treated as one text.
+    the rate is NaN when nothing parses (no sentence, so no error rate: never a perfect 0.0).
+    A bare string is treated as one text.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -425,4 +427,4 @@ def agreement_error_rate(texts: Iterable[str]) -> tuple[float, int]:
             result = check_agreement(sentence)
             parsed += result.parsed
             errors += result.parsed and not result.agrees
-    return (errors / parsed if parsed else 0.0), parsed
+    return (errors / parsed if parsed else math.nan), parsed

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.manifest import Manifest
+from data_pipeline.manifest import MANIFEST_FILE, Manifest
 from data_pipeline.mixing import permutation
 from data_pipeline.reader import open_split
 from data_pipeline.shards import read_shard
-from data_pipeline.tokenizer import load_tokenizer
+from data_pipeline.tokenizer import check_dataset_tokenizer, load_tokenizer
 from pretrain.errors import ConfigError
 
 
@@ -70,8 +70,10 @@ def inspect_dataset(
 ) -> dict[str, SplitStats]:
     """Print the summary, ``samples`` decoded blocks of ``split`` and the ``top`` tokens."""
     data_dir, manifest, _ = open_split(data_dir, split)
-    tok = load_tokenizer(data_dir / manifest.tokenizer.file)
     t = manifest.tokenizer
+    if verify:  # the decoded samples below mean something only with the build's tokenizer
+        check_dataset_tokenizer(data_dir, t, data_dir / MANIFEST_FILE)
+    tok = load_tokenizer(data_dir / t.file)
     out(f"dataset {data_dir}: seq_len {manifest.seq_len}, {manifest.dtype}")
     out(
         f"tokenizer {t.file}: vocab {t.vocab_size}, eos {t.eos_token!r} = {t.eos_id}, "
@@ -133,7 +135,9 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="which samples (default: %(default)s)")
     parser.add_argument(
-        "--no-verify", action="store_true", help="skip the sha256 check of the shards read"
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 checks of the shards read and of the tokenizer",
     )
 
 

@@ -251,6 +251,12 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
                 f"tokenizer.{name}",
                 f"is {tid}; expected < tokenizer.vocab_size ({tok.vocab_size})",
             )
+    if tok.mask_id == tok.eos_id:
+        raise _fail(
+            where,
+            "tokenizer.mask_id",
+            f"is {tok.mask_id}, the same as tokenizer.eos_id; expected the mask token's own id",
+        )
     if dtype == "uint16" and tok.vocab_size > UINT16_VOCAB_LIMIT:
         raise _fail(
             where,

@@ -36,6 +36,7 @@ from data_pipeline.mixing import (
     resolve_sources,
 )
 from data_pipeline.shards import check_present, read_shard, shard_location
+from data_pipeline.tokenizer import check_dataset_tokenizer
 from pretrain.errors import ConfigError, DataError
 
 __all__ = [
@@ -131,6 +132,8 @@ class _SourceReader:
         self.shard_url = src.shard_url
         counts = [s.num_samples for s in self.manifest.splits[split]]
         where = str(self.data_dir / MANIFEST_FILE)
+        if verify:  # the ids in the shards mean what this tokenizer says they mean
+            check_dataset_tokenizer(self.data_dir, self.manifest.tokenizer, where)
         self.order = SourceOrder(counts, seed, where, skip_bad=skip_bad)
         self._cache = _ShardCache(self.data_dir, self.manifest, split, verify, src.shard_url)
         # Fail at start rather than hours in, when the stream first reaches a missing shard.

@@ -148,6 +148,16 @@ def read_shard(
             f"{where}: sample {samples[row]['__key__']} holds token id "
             f"{int(out[row].max())} >= tokenizer.vocab_size {vocab}; {listed}"
         )
+    # The mask id marks the positions to predict; one in the data would be a target the model
+    # can never see, whose loss is infinite. The build never writes it: this is a damaged or
+    # hand-made shard.
+    mask = manifest.tokenizer.mask_id
+    if (hits := np.flatnonzero(out.reshape(-1) == mask)).size:
+        row, col = divmod(int(hits[0]), manifest.seq_len)
+        raise DataError(
+            f"{where}: sample {samples[row]['__key__']} holds the mask id {mask} at position "
+            f"{col}; the mask token must never occur in data (rebuild the dataset); {listed}"
+        )
     return out
 
 

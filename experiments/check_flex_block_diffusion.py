@@ -15,8 +15,9 @@ import torch
 
 from pretrain.config import DiffusionConfig, ModelConfig, load_config
 from pretrain.diffusion.corruption import CorruptionKey
+from pretrain.diffusion.masks import block_diffusion_mask
 from pretrain.diffusion.objective import build_objective
-from pretrain.model.attention import ATTENTION_BACKENDS, block_diffusion_mask
+from pretrain.model.attention import ATTENTION_BACKENDS
 
 
 def op_check(length=512, block=64, heads=8, dim=64) -> dict:
@@ -29,7 +30,7 @@ def op_check(length=512, block=64, heads=8, dim=64) -> dict:
 
 
 def model_check(length=1024, block=128) -> dict:
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
     from pretrain.parallel.runtime import init_runtime
 
     init_runtime(load_config(None, ["train.device=cuda"]))

@@ -35,7 +35,7 @@ DECODER = {  # the decoder that goes with each loss
     "multistep_consistency": "remask",
 }
 HIDDEN, LAYERS, FFN = 128, 4, 352  # configs/tiny.yaml's model
-THRESHOLD = {"self_correction": 0.8, "multistep_consistency": 0.7, "baseline": 0.8}
+LOOP_STEPS, REMASK_PER_STEP = 16, 4  # budgeted re-masking after the parallel decode
 
 
 def build_data(out: Path, seq_len: int) -> Path:
@@ -93,7 +93,7 @@ def train_variant(name: str, data: Path, out: Path, args) -> tuple[Path, float]:
 def load_model(ckpt: Path, data: Path, seq_len: int):
     from pretrain.checkpoint.manager import open_checkpoint, weight_loader
     from pretrain.config import load_config
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     manifest = json.loads((data / "manifest.json").read_text())
     vocab, mask = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["mask_id"]
@@ -117,7 +117,7 @@ def decode_and_score(name, decoder, model, vocab, mask, data, args) -> list[dict
     from data_pipeline.grammar import agreement_error_rate
     from data_pipeline.tokenizer import load_tokenizer
     from pretrain.diffusion.auxiliary.base import ModelView
-    from pretrain.sampling.consistency import CallCounter, energy_resample, remask_generate
+    from pretrain.sampling.consistency import CallCounter, energy_resample, remask_decode
     from pretrain.sampling.sampler import generate
 
     tok = load_tokenizer(data / "tokenizer.json")
@@ -133,7 +133,16 @@ def decode_and_score(name, decoder, model, vocab, mask, data, args) -> list[dict
         if decoder == "plain":
             x = generate(fn, prompt, temperature=1.0, **common)
         elif decoder == "remask":
-            x = remask_generate(fn, prompt, threshold=THRESHOLD[name], stats=stats, **common)
+            x = remask_decode(
+                fn,
+                torch.full((args.samples, args.seq_len), mask),
+                mask_id=mask,
+                tokens_per_step=k,
+                loop_steps=LOOP_STEPS,
+                remask_per_step=REMASK_PER_STEP,
+                generator=gen,
+                stats=stats,
+            )
         else:
             x = energy_resample(
                 fn, lambda t: view.energy(t, row=mask), prompt, k=args.candidates, **common

@@ -2,6 +2,7 @@
 
     dlm data build INPUT... --out DIR --seq-len N     txt/jsonl/parquet -> webdataset shards
     dlm data inspect DIR                              counts, decoded samples, token histogram
+    dlm data subset DIR --out DIR --max-mb MB         the first shards of a dataset, within a budget
     dlm train CONFIG [key.sub=value ...]              train (resumes the run's latest checkpoint)
     dlm launch CONFIG [--mode local|node|slurm] ...   torchrun here, on several nodes, or sbatch
     dlm plan CONFIG [--layout TPxPPxDP[:ZERO]] ...    per-GPU memory table for parallel layouts
@@ -26,8 +27,8 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from launcher.signals import REQUEUE_EXIT_CODE
 from pretrain.errors import DLMError
+from pretrain.preemption import REQUEUE_EXIT_CODE
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -103,6 +104,18 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return run_inspect(args)
 
 
+def _add_subset_arguments(parser: argparse.ArgumentParser) -> None:
+    from data_pipeline.subset import add_subset_arguments
+
+    add_subset_arguments(parser)
+
+
+def _run_subset(args: argparse.Namespace) -> int:
+    from data_pipeline.subset import run_subset
+
+    return run_subset(args)
+
+
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     from pretrain.checkpoint.convert import add_convert_arguments
 
@@ -174,6 +187,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         _add_inspect_arguments,
         _run_inspect,
     ),
+    ("data", "subset"): (
+        "cut a smaller dataset (the first shards, same tokenizer) within a size budget",
+        _add_subset_arguments,
+        _run_subset,
+    ),
     ("train",): (
         "train a diffusion LM from a YAML config (auto-resumes from the latest checkpoint)",
         _config_arguments,
@@ -234,7 +252,20 @@ GROUP_HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def selected_command(argv: list[str]) -> tuple[str, ...] | None:
+    """The command path `argv` names (its leading words), or None."""
+    words = [w for w in argv[:2] if not w.startswith("-")]
+    for n in (2, 1):
+        if tuple(words[:n]) in COMMANDS:
+            return tuple(words[:n])
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with `argv`, only the command it names gets its arguments
+    (their modules are imported to declare them), so `dlm --help` and light commands start
+    without importing torch, DeepSpeed or Megatron."""
+    only = selected_command(argv) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog="dlm", description="Pretrain masked and hybrid diffusion language models."
     )
@@ -250,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                     dest="subcommand", metavar="SUBCOMMAND", required=True
                 )
             sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text)
-        add_arguments(sub)
+        if argv is None or path == only:
+            add_arguments(sub)
         sub.set_defaults(run=run)
     return parser
 
@@ -259,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron-core warns at import that optional fused kernels (Apex, Transformer Engine) are
     # absent; we never use them, so the warning is noise on every command.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.run(args)
     except DLMError as exc:

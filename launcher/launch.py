@@ -12,7 +12,7 @@ options into a command (or a script) and runs it.
 Stopping and faults (see docs/launching.md for the whole story):
 - torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT and SIGUSR1 to its workers
   (`--signals-to-handle`) and waits `launch.shutdown_timeout_s` for them to checkpoint before it
-  kills them; the trainer checkpoints at the next step boundary (`launcher.signals`).
+  kills them; the trainer checkpoints at the next step boundary (`pretrain.preemption`).
 - A worker that dies makes torchrun (`--max-restarts 0`) stop the other workers on its node; the
   other nodes' workers fail their next collective when the connection drops, or after
   `launch.collective_timeout_min` (DEEPSPEED_TIMEOUT) if the peer vanished without a word.
@@ -30,9 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.signals import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
 from pretrain.config import Config
 from pretrain.errors import DLMError
+from pretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
 
 HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 """Signals torchrun catches and forwards to its workers (its default lacks SIGUSR1)."""

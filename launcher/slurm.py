@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 
 from launcher.launch import LaunchRequest, torchrun_command
-from launcher.signals import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
 from pretrain.errors import DLMError
+from pretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
 
 
 def _q(value: object) -> str:

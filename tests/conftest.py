@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -91,3 +98,75 @@ def runtime():
     from pretrain.parallel.runtime import init_runtime
 
     return init_runtime(load_config(None, ["train.device=cpu"]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(root: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on 127.0.0.1 with its store under `root`; (process, URI) once it
+    answers /health. It runs in a session of its own (it serves from child processes); end it
+    with `stop_mlflow_server`."""
+    port = free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115 - the server process keeps it open
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts"),
+            "--workers", "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    log.close()
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return proc, uri
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            stop_mlflow_server(proc, signal.SIGKILL)
+            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
+        time.sleep(0.5)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run `dlm ARGV` in this process; it must fail with exit status 2 and one stderr line
+    `error: ...`, which is returned."""
+    from launcher.cli import main as dlm
+
+    capsys.readouterr()
+    status = dlm(argv)
+    err = capsys.readouterr().err.strip()
+    assert status == 2, (status, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def stop_mlflow_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal the server and its workers (its whole session), then reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
+
+
+class Planted:
+    """Unpickling this runs `touch FLAG` through a shell (what a malicious checkpoint would do):
+    FLAG existing afterwards means something unpickled it."""
+
+    def __init__(self, flag: Path):
+        self.flag = flag
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.flag}",))

@@ -11,7 +11,7 @@ import torch
 from pretrain.config import DiffusionConfig, ModelConfig
 from pretrain.diffusion.corruption import CorruptionKey
 from pretrain.diffusion.objective import build_objective
-from pretrain.model.transformer import build_model
+from pretrain.model.parallelize import build_model
 
 VOCAB, MASK = 300, 299
 

@@ -11,13 +11,10 @@ from conftest import tiny_overrides
 
 from pretrain.config import DiffusionConfig, ModelConfig, load_config
 from pretrain.diffusion.corruption import CorruptionKey
+from pretrain.diffusion.masks import block_causal_mask, block_diffusion_mask
 from pretrain.diffusion.objective import build_objective
 from pretrain.errors import ConfigError
-from pretrain.model.attention import (
-    block_causal_mask,
-    block_diffusion_mask,
-    get_attention_backend,
-)
+from pretrain.model.attention import get_attention_backend
 
 V, MASK = 30, 29
 
@@ -44,7 +41,7 @@ def test_block_diffusion_mask_enumerates_the_definition():
 
 @pytest.fixture(scope="module")
 def tiny_model(runtime):
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     cfg = ModelConfig(
         hidden_size=32,
@@ -117,8 +114,10 @@ def test_block_objective_config_errors():
         build_objective(
             DiffusionConfig(objective="block", schedule="distance"), mask_id=1, seq_len=16
         )
-    with pytest.raises(ConfigError, match="pipeline_parallel=1"):
-        load_config(None, ["diffusion.objective=block", "parallel.pipeline_parallel=2"])
+    # Block diffusion runs under pipeline parallelism since the redesign (the block pattern travels
+    # with the activations): the layout is accepted, not refused.
+    cfg = load_config(None, ["diffusion.objective=block", "parallel.pipeline_parallel=2"])
+    assert cfg.parallel.pipeline_parallel == 2
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="'flex' is not usable here"):
             get_attention_backend("flex")

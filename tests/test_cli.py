@@ -44,8 +44,33 @@ def test_unknown_config_key_is_one_line_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {bad}: unknown key 'train.stepz' (valid keys: steps, micro_batch_size, "
         "grad_accum_steps, seed, device, precision, log_interval, eval_interval, eval_batches, "
-        "checkpoint_interval, keep_last, resume, init_from)"
+        "checkpoint_interval, keep_last, resume, init_from, on_nonfinite, spike_zscore, "
+        "spike_window, verify_checkpoints)"
     ]
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["config", "show", "configs/tiny.yaml"], ["config", "docs"]]
+)
+def test_light_commands_import_no_heavy_library(argv):
+    """`dlm --help` and `dlm config ...` start without torch, DeepSpeed or Megatron (about a
+    second, and no library warnings): the parser imports only the selected command's module."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from launcher.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        f"        main({argv!r})\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'deepspeed', 'megatron') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert "Setting accelerator" not in proc.stderr
 
 
 def test_missing_config_file(capsys):

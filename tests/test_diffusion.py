@@ -1,4 +1,4 @@
-"""Masked-diffusion maths: the exact check of DESIGN.md sec. 3, antithetic time sampling, and
+"""Masked-diffusion maths: the exact check of docs/design.md §3, antithetic time sampling, and
 that the loss only ever counts masked positions."""
 
 from __future__ import annotations

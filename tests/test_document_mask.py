@@ -9,9 +9,8 @@ import torch
 
 from data_pipeline.reader import document_ids
 from pretrain.config import ModelConfig, load_config
-from pretrain.errors import ConfigError
-from pretrain.model.documents import DocumentMask
-from pretrain.model.transformer import build_model
+from pretrain.model.masks import AttentionMask, DocumentMask
+from pretrain.model.parallelize import build_model
 
 VOCAB, MASK, EOS = 300, 299, 0
 
@@ -134,13 +133,63 @@ def test_packed_forward_and_gradients_equal_each_document_alone(runtime, backend
     assert (unmasked[finite] - packed_logits[finite]).abs().max() > 1e-2
 
 
-def test_document_mask_conflicts_are_config_errors():
-    with pytest.raises(ConfigError, match="data.document_mask.*diffusion.objective 'block'"):
-        load_config(None, ["data.document_mask=true", "diffusion.objective=block"])
-    with pytest.raises(ConfigError, match="data.document_mask.*pipeline_parallel"):
-        load_config(None, ["data.document_mask=true", "parallel.pipeline_parallel=2"])
-    aux = "auxiliary.losses=[{name: self_correction}]"
-    assert load_config(None, ["data.document_mask=true", aux]).data.document_mask
+def test_every_objective_takes_document_masks():
+    for objective in ("masked", "block", "ar", "ar_adapt"):
+        cfg = load_config(None, ["data.document_mask=true", f"diffusion.objective={objective}"])
+        assert cfg.data.document_mask
+    assert load_config(None, ["data.document_mask=true", "parallel.pipeline_parallel=2"])
+
+
+def test_block_diffusion_mask_intersects_documents():
+    """Over block diffusion's [x_t ; x0], position i of either half belongs to the document of
+    x0_i: the recipe's mask is the block mask and the document mask, pair by pair."""
+    from pretrain.config import DiffusionConfig
+    from pretrain.diffusion.corruption import CorruptionKey
+    from pretrain.diffusion.masks import block_diffusion_mask
+    from pretrain.diffusion.objective import build_objective
+    from pretrain.diffusion.recipe import Recipe
+
+    length, block = 8, 2
+    objective = build_objective(
+        DiffusionConfig(objective="block", block_length=block), mask_id=MASK, seq_len=length
+    )
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2]])
+    tokens = torch.randint(1, MASK, (1, length), generator=torch.Generator().manual_seed(0))
+    step = Recipe(objective, document_mask=True).prepare(
+        tokens, CorruptionKey(0, 0), "cpu", document_ids=ids
+    )
+    dense = step.model_inputs().attention.dense()[0, 0]  # [2L, 2L]
+    pattern = block_diffusion_mask(length, block)
+    doc = torch.cat([ids[0], ids[0]])
+    for q in range(2 * length):
+        for k in range(2 * length):
+            assert dense[q, k] == (pattern[q, k] and doc[q] == doc[k]), (q, k)
+
+
+def test_causal_objective_with_documents_is_causal_within_each(runtime):
+    """`ar` on a packed, document-masked batch: each position's logits equal those of its
+    document run alone under the causal mask (RoPE is relative)."""
+    from pretrain.config import DiffusionConfig
+    from pretrain.diffusion.corruption import CorruptionKey
+    from pretrain.diffusion.masks import causal_mask
+    from pretrain.diffusion.objective import build_objective
+    from pretrain.diffusion.recipe import Recipe
+
+    config = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=96)
+    model = build_model(config, vocab_size=VOCAB, mask_token_id=MASK, seed=5).eval()
+    tokens, docs = _packed_batch(torch.Generator().manual_seed(3))
+    objective = build_objective(DiffusionConfig(objective="ar"), mask_id=MASK, seq_len=24)
+    step = Recipe(objective, document_mask=True).prepare(
+        tokens, CorruptionKey(0, 0), "cpu", document_ids=document_ids(tokens, EOS)
+    )
+    inputs = step.model_inputs()
+    with torch.no_grad():
+        packed = model(inputs.tokens, attention_mask=inputs.attention).flatten(0, 1)
+        alone = torch.cat(
+            [model(d[None], attention_mask=causal_mask(len(d))[None, None])[0] for d in docs]
+        )
+    finite = torch.isfinite(packed)
+    torch.testing.assert_close(packed[finite], alone[finite], atol=1e-5, rtol=1e-5)
 
 
 def test_training_with_document_mask_tp2_equals_one_process(runtime, demo_data, tmp_path):
@@ -202,7 +251,9 @@ def test_gpu_document_mask_kernels_match_the_fp32_reference(backend):
         return [out, *torch.autograd.grad(out, leaves, grad.to(dtype))]
 
     want = run("masked", docs.dense(), torch.float32)
-    got = run(backend, ATTENTION_BACKENDS[backend].documents(docs), torch.bfloat16)
+    got = run(
+        backend, ATTENTION_BACKENDS[backend].prepare(AttentionMask(documents=docs)), torch.bfloat16
+    )
     for name, g, w in zip(["out", "dq", "dk", "dv"], got, want, strict=True):
         err = (g.float() - w).abs().max() / w.abs().max()
         assert err < 2e-2, f"{backend} {name}: relative error {err:.3g}"

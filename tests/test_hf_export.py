@@ -49,7 +49,7 @@ def trained(runtime, demo_data, tmp_path_factory):
 
 def ours(cfg, checkpoint: Path):
     """Our Megatron-core model (single process) with the checkpoint's weights."""
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     manifest = json.loads((Path(cfg.data.path) / "manifest.json").read_text())
     net = build_model(

@@ -64,7 +64,7 @@ def ours_causal(checkpoint: Path, tokens: torch.Tensor) -> torch.Tensor:
     """Our Megatron-core model from the imported checkpoint, run with a causal boolean mask."""
     import yaml
 
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     cfg = from_dict(Config, yaml.safe_load((checkpoint / "config.yaml").read_text()), source="t")
     record = json.loads((checkpoint / "tokenizer_record.json").read_text())
@@ -110,7 +110,7 @@ def yaml_config(ckpt: Path) -> Config:
 
 
 def ours_causal_bidirectional(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     cfg = yaml_config(ckpt)
     net = build_model(cfg.model, vocab_size=cfg.model.vocab_size, mask_token_id=VOCAB)

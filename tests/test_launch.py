@@ -25,8 +25,8 @@ import psutil
 import pytest
 from conftest import REPO, tiny_overrides
 
-from launcher.signals import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
 from pretrain.checkpoint.format import CheckpointReader
+from pretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
 
 TINY = REPO / "configs" / "tiny.yaml"
 STEPS = 60
@@ -216,7 +216,7 @@ def _guard_worker(rank: int, world: int, port: int, queue) -> None:
     import torch
     import torch.distributed as dist
 
-    from launcher.signals import PreemptionGuard
+    from pretrain.preemption import PreemptionGuard
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world

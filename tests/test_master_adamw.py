@@ -23,6 +23,7 @@ from pretrain.parallel.master_adamw import MasterWeightAdamW
 from pretrain.trainer import train
 
 FUSED = {"optim.master_weights": "fused", "parallel.zero_stage": 0}
+DEEPSPEED = {"optim.master_weights": "deepspeed", "parallel.zero_stage": 0}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,10 @@ def single(runtime, demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("fused-single")
     runs = {}
     for micro in (4, 8):
-        for name, extra in (("deepspeed", {"parallel.zero_stage": 0}), ("fused", FUSED)):
+        for name, extra in (
+            ("deepspeed", {"parallel.zero_stage": 0, "optim.master_weights": "deepspeed"}),
+            ("fused", FUSED),
+        ):
             runs[name, micro] = train(
                 load_config(TINY, overrides(demo_data, out, f"{name}{micro}", micro=micro, **extra))
             )
@@ -62,9 +66,10 @@ def test_fused_master_weights_under_data_and_tensor_parallelism(single, demo_dat
     assert {**losses(first), **losses(second)} == losses(dp_result)  # bit-exact resume
 
 
-def test_fused_master_weights_need_zero_stage_0():
-    with pytest.raises(ConfigError, match="parallel.zero_stage=0"):
-        load_config(TINY, ["optim.master_weights=fused", "parallel.zero_stage=1"])
+def test_fused_master_weights_need_zero_stage_0_or_1():
+    with pytest.raises(ConfigError, match="zero_stage 0 or 1"):
+        load_config(TINY, ["optim.master_weights=fused", "parallel.zero_stage=2"])
+    load_config(TINY, ["optim.master_weights=fused", "parallel.zero_stage=1"])
 
 
 def test_gradients_accumulate_in_fp32_and_clip_on_device():

@@ -32,7 +32,7 @@ def small(**kw) -> ModelConfig:
 
 @pytest.mark.parametrize("groups", [None, 2], ids=["mha", "gqa"])
 def test_parameter_counts_equal_the_built_model(runtime, groups):
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     cfg = small(num_query_groups=groups)
     model = build_model(cfg, vocab_size=VOCAB, mask_token_id=VOCAB - 1, seed=0)
@@ -122,7 +122,7 @@ def _saved_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
 @pytest.mark.parametrize("groups", [None, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("ckpt", [False, True], ids=["full", "ckpt"])
 def test_activation_formula_equals_saved_tensors(runtime, dtype, groups, ckpt):
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     cfg = small(num_query_groups=groups, activation_checkpointing=ckpt)
     model = build_model(cfg, vocab_size=VOCAB, mask_token_id=VOCAB - 1, params_dtype=dtype)

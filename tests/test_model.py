@@ -10,7 +10,8 @@ import torch
 from pretrain.config import ModelConfig
 from pretrain.errors import ConfigError
 from pretrain.model.attention import CoreAttention, get_attention_backend
-from pretrain.model.transformer import OutputHead, build_model, padded_vocab_size
+from pretrain.model.parallelize import build_model
+from pretrain.model.transformer import OutputHead, padded_vocab_size
 
 VOCAB, MASK = 300, 299
 

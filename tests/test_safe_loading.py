@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, Planted, tiny_overrides
 
 from data_pipeline.manifest import Manifest
 from data_pipeline.reader import TokenBlockStream
 from data_pipeline.shards import shard_location
 from pretrain.checkpoint.format import CheckpointReader
 from pretrain.checkpoint.manager import MARKER, load_trainer_state, verify_checkpoint
+from pretrain.checkpoint.marker import write_marker
 from pretrain.checkpoint.records import read_record, write_record
 from pretrain.config import load_config
 from pretrain.errors import CheckpointError, DataError
@@ -28,26 +29,10 @@ from pretrain.trainer import train
 TINY = REPO / "configs" / "tiny.yaml"
 
 
-class _Planted:
-    """Unpickling this runs `os.system` (what a malicious checkpoint would do)."""
-
-    def __init__(self, flag: Path):
-        self.flag = flag
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.flag}",))
-
-
 def _reseal(ckpt: Path) -> None:
-    """Rewrite the completion marker so that its sizes match the planted files (an attacker
-    controls the whole directory)."""
-    marker = json.loads((ckpt / MARKER).read_text())
-    marker["files"] = {
-        str(p.relative_to(ckpt)): p.stat().st_size
-        for p in sorted(ckpt.rglob("*"))
-        if p.is_file() and p.name != MARKER
-    }
-    (ckpt / MARKER).write_text(json.dumps(marker))
+    """Rewrite the completion marker so that its sizes and hashes match the planted files (an
+    attacker controls the whole directory)."""
+    write_marker(ckpt, json.loads((ckpt / MARKER).read_text())["step"])
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +66,7 @@ def test_planted_legacy_pickle_is_refused_not_run(checkpoint, tmp_path, record):
     else:
         (ckpt / "trainer_rank_00000.json").unlink()
         target = ckpt / "trainer_rank_00000.pt"
-    target.write_bytes(pickle.dumps({"step": 2, "payload": _Planted(flag)}))
+    target.write_bytes(pickle.dumps({"step": 2, "payload": Planted(flag)}))
     _reseal(ckpt)
     verify_checkpoint(ckpt)  # the marker matches: only the loader stands in the way
     with pytest.raises(CheckpointError, match=r"refused to load .*only tensors"):
@@ -98,7 +83,7 @@ def test_pickle_disguised_as_json_is_refused(checkpoint, tmp_path):
     ckpt = tmp_path / checkpoint.name
     shutil.copytree(checkpoint, ckpt)
     flag = tmp_path / "executed"
-    (ckpt / "common.json").write_bytes(pickle.dumps(_Planted(flag)))
+    (ckpt / "common.json").write_bytes(pickle.dumps(Planted(flag)))
     _reseal(ckpt)
     with pytest.raises(CheckpointError, match="common.json: not a JSON checkpoint record"):
         CheckpointReader(ckpt)

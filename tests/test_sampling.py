@@ -149,7 +149,7 @@ def test_temperature_sampling_is_reproducible_with_a_generator():
 
 def test_generate_with_a_real_model(runtime):
     from pretrain.config import ModelConfig
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     model = build_model(
         ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=2, ffn_hidden_size=64),
@@ -162,3 +162,29 @@ def test_generate_with_a_real_model(runtime):
     )
     assert out.shape == (2, 8) and torch.equal(out[:, :3], prompt)
     assert ((out >= 0) & (out < V) & (out != MASK)).all()
+
+
+@pytest.mark.parametrize("score", ["visible", "masked"])
+def test_remask_decode_re_masks_the_lowest_scoring_commit_and_fixes_it(score):
+    """An oracle that gets position 3 wrong (token 7) whenever positions 2 and 3 are both masked,
+    as a one-step decoder would, and scores every visible token by the answer: the budgeted loop
+    re-masks the wrong token (the lowest score) and re-decodes it given position 2."""
+    from pretrain.sampling.consistency import remask_decode
+
+    answer = torch.tensor([[9, 1, 2, 3, 4, 5]])
+
+    def model_fn(x):
+        target = answer.expand_as(x).clone()
+        target[(x[:, 2] == MASK) & (x[:, 3] == MASK), 3] = 7
+        return torch.nn.functional.one_hot(target, V).float() * 10
+
+    x = torch.tensor([[9, MASK, MASK, MASK, MASK, 5]])  # context: positions 0 and 5
+    stats: dict = {}
+    out = remask_decode(model_fn, x.clone(), mask_id=MASK, tokens_per_step=4, loop_steps=2,
+                        score=score, temperature=0.0, stats=stats)  # fmt: skip
+    assert torch.equal(out, answer)
+    assert stats["calls"] == 1 + 2 + 1 + (2 if score == "masked" else 0)
+    assert stats["remasked"].tolist() == [2]
+    one_step = remask_decode(model_fn, x.clone(), mask_id=MASK, tokens_per_step=4,
+                             loop_steps=0, temperature=0.0)  # fmt: skip
+    assert one_step[0, 3] == 7  # without the loop the parallel error stays

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
-from conftest import REPO, tiny_overrides
+from conftest import REPO, start_mlflow_server, stop_mlflow_server, tiny_overrides
 
 from pretrain.config import load_config
 from pretrain.trainer import train
@@ -18,47 +12,11 @@ TINY = REPO / "configs" / "tiny.yaml"
 TRAIN_METRICS = ["loss", "lr", "grad_norm", "tokens_per_s", "masked_fraction", "ce_masked"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed in the teardown
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"),
-            "--workers", "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            log.close()
-            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
-        time.sleep(0.5)
+    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
     yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    stop_mlflow_server(proc)
 
 
 def test_run_is_tracked_on_a_real_server_and_resume_continues_it(

@@ -88,18 +88,19 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(
         run(demo_data, tmp_path, "crash")
     monkeypatch.undo()
 
-    assert (ckpt_dir / "step_00000008.partial").is_dir()  # DeepSpeed's files were written ...
+    (staging,) = ckpt_dir.glob("step_00000008.partial.*")  # a name of this process's own
+    assert staging.is_dir()  # DeepSpeed's files were written ...
     assert not (ckpt_dir / "step_00000008").exists()  # ... but never promoted
     assert (ckpt_dir / "latest").read_text().strip() == "step_00000004"
     assert tree_digest(ckpt_dir / "step_00000004") == before
     with pytest.raises(CheckpointError, match="incomplete checkpoint"):
-        verify_checkpoint(ckpt_dir / "step_00000008.partial")
+        verify_checkpoint(staging)
 
     resumed = run(demo_data, tmp_path, "crash")
     assert {s: resumed.losses[s] for s in (5, 6, 7, 8)} == {
         s: straight.losses[s] for s in (5, 6, 7, 8)
     }
-    assert not (ckpt_dir / "step_00000008.partial").exists()  # cleaned by the good save
+    assert not staging.exists()  # stale (the run lock is held): cleaned by the good save
 
 
 def test_keep_last_prunes_old_checkpoints(runtime, demo_data, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -25,15 +26,10 @@ from pretrain.checkpoint.format import (
     trainer_state_file,
     write_rank_shard,
 )
-from pretrain.checkpoint.manager import (
-    LATEST,
-    _atomic_write_text,
-    load_trainer_state,
-    seal,
-    verify_checkpoint,
-)
+from pretrain.checkpoint.manager import LATEST, load_trainer_state, seal, verify_checkpoint
+from pretrain.checkpoint.marker import add_no_verify_argument, atomic_write_text
 from pretrain.checkpoint.records import write_record
-from pretrain.config.loader import from_dict
+from pretrain.config.loader import from_dict, load_yaml_text
 from pretrain.config.schema import Config
 from pretrain.errors import CheckpointError
 from pretrain.model.sharding import shard_spec
@@ -62,14 +58,17 @@ def stage_names(names: set[str], num_layers: int, pp: int) -> list[list[str]]:
     return stages
 
 
-def convert_checkpoint(src: str | Path, out_dir: str | Path, *, tp: int, pp: int) -> Path:
-    """Write `src` re-sharded for TP=`tp` x PP=`pp` as `<out_dir>/<step tag>`; update `latest`."""
+def convert_checkpoint(
+    src: str | Path, out_dir: str | Path, *, tp: int, pp: int, verify: bool = True
+) -> Path:
+    """Write `src` re-sharded for TP=`tp` x PP=`pp` as `<out_dir>/<step tag>`; update `latest`.
+    `verify=False` skips the content hashes of `src` (file set and sizes are still checked)."""
     src, out_dir = Path(src), Path(out_dir)
-    verify_checkpoint(src)
+    verify_checkpoint(src, hashes=verify)
     config_file = src / "config.yaml"
     if not config_file.is_file():
         raise CheckpointError(f"{src}: no config.yaml; cannot tell the model it holds")
-    data = yaml.safe_load(config_file.read_text())
+    data = load_yaml_text(config_file.read_text(), str(config_file))
     data.setdefault("parallel", {}).update(tensor_parallel=tp, pipeline_parallel=pp)
     cfg: Config = from_dict(Config, data, source=str(config_file))
     cfg.validate()
@@ -78,11 +77,23 @@ def convert_checkpoint(src: str | Path, out_dir: str | Path, *, tp: int, pp: int
     final = out_dir / src.name
     if final.resolve() == src.resolve():
         raise CheckpointError(f"{src}: --out must not be the checkpoint's own directory")
-    staging = out_dir / f"{src.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f"{src.name}.partial."))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; checkpoints are meant to be shared
+        _write_layout(reader, staging, cfg.model.num_layers, tp, pp)
+        write_record(staging / trainer_state_file(0), load_trainer_state(src, 0))
+        seal(staging, final, int(reader.common["step"]), yaml.safe_dump(data, sort_keys=False))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # only left over when something failed
+    atomic_write_text(out_dir / LATEST, final.name + "\n")
+    return final
+
+
+def _write_layout(reader: CheckpointReader, staging: Path, num_layers: int, tp: int, pp: int):
+    """The shard files of a TP=`tp` x PP=`pp` layout and its common record, into `staging`."""
     topo = Topology(tp=tp, pp=pp, dp=1)
-    for stage, names in enumerate(stage_names(reader.names(), cfg.model.num_layers, pp)):
+    for stage, names in enumerate(stage_names(reader.names(), num_layers, pp)):
         for tp_rank in range(tp):
             tensors, meta = {}, {}
             for name in names:
@@ -93,12 +104,7 @@ def convert_checkpoint(src: str | Path, out_dir: str | Path, *, tp: int, pp: int
                 meta[name] = {"tp_rank": tp_rank, "tp_size": tp}
             rank = stage * topo.tp * topo.dp + tp_rank  # coordinates (stage, dp 0, tp_rank)
             write_rank_shard(staging, rank, tensors, meta)
-    common = dict(reader.common, layout={"tp": tp, "pp": pp, "dp": 1})
-    write_record(staging / COMMON, common)
-    write_record(staging / trainer_state_file(0), load_trainer_state(src, 0))
-    seal(staging, final, int(common["step"]), yaml.safe_dump(data, sort_keys=False))
-    _atomic_write_text(out_dir / LATEST, final.name + "\n")
-    return final
+    write_record(staging / COMMON, dict(reader.common, layout={"tp": tp, "pp": pp, "dp": 1}))
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,9 +118,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
     parser.add_argument("--pp", type=int, required=True, help="target pipeline-parallel size")
+    add_no_verify_argument(parser)
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    final = convert_checkpoint(args.checkpoint, args.out, tp=args.tp, pp=args.pp)
+    final = convert_checkpoint(
+        args.checkpoint, args.out, tp=args.tp, pp=args.pp, verify=not args.no_verify
+    )
     print(f"wrote {final} (tp={args.tp} pp={args.pp})")
     return 0

@@ -19,6 +19,7 @@ data-parallel size, or another tensor/pipeline layout, is the same code path as 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,60 @@ def write_rank_shard(directory: Path, rank: int, tensors, meta) -> None:
     save_file(tensors, str(directory / SHARD_DIR / shard_file(rank)), metadata=metadata)
 
 
+@contextmanager
+def open_safetensors(file: Path):
+    """`safe_open` whose failures (a corrupt or truncated header, a missing file, a tensor
+    whose bytes are not there) are one-line `CheckpointError`s naming the file."""
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+        raise CheckpointError(f"{file}: not a readable safetensors file ({_detail(exc)})") from None
+    with handle as f:
+        yield f
+
+
+def read_tensor(file: Path, key: str) -> torch.Tensor:
+    with open_safetensors(file) as f:
+        try:
+            return f.get_tensor(key)
+        except Exception as exc:
+            raise CheckpointError(f"{file}: cannot read tensor '{key}' ({_detail(exc)})") from None
+
+
+def _detail(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def _shard_header(file: Path) -> dict[str, dict]:
+    """{canonical name: {tp_rank, tp_size}} from a shard's `dlm` metadata, checked."""
+    with open_safetensors(file) as f:
+        metadata = f.metadata() or {}
+        keys = set(f.keys())
+    try:
+        header = json.loads(metadata.get("dlm", "{}"))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{file}: malformed 'dlm' header metadata (not JSON)") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise CheckpointError(
+            f"{file}: checkpoint shard format {found!r}, expected {FORMAT_VERSION}"
+        )
+    tensors = header.get("tensors")
+    ok = isinstance(tensors, dict) and all(
+        isinstance(info, dict)
+        and all(isinstance(info.get(k), int) for k in ("tp_rank", "tp_size"))
+        and 0 <= info["tp_rank"] < info["tp_size"]
+        and f"{name}#param" in keys
+        for name, info in tensors.items()
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{file}: malformed 'dlm' header metadata (expected tensors with tp_rank < tp_size "
+            "and a '#param' tensor each)"
+        )
+    return tensors
+
+
 @dataclass(frozen=True)
 class _Entry:
     file: Path
@@ -91,14 +146,7 @@ class CheckpointReader:
         if not files:
             raise CheckpointError(f"{self.path}: no {SHARD_DIR}/rank-*.safetensors files")
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                header = json.loads((f.metadata() or {}).get("dlm", "{}"))
-            if header.get("format") != FORMAT_VERSION:
-                raise CheckpointError(
-                    f"{file}: checkpoint shard format {header.get('format')!r}, "
-                    f"expected {FORMAT_VERSION}"
-                )
-            for name, info in header["tensors"].items():
+            for name, info in _shard_header(file).items():
                 self.index.setdefault(name, []).append(
                     _Entry(file, int(info["tp_rank"]), int(info["tp_size"]))
                 )
@@ -110,8 +158,7 @@ class CheckpointReader:
         return set(self.index)
 
     def _read(self, entry: _Entry, key: str) -> torch.Tensor:
-        with safe_open(str(entry.file), framework="pt") as f:
-            return f.get_tensor(key)
+        return read_tensor(entry.file, key)
 
     def full(self, name: str, kind: str = "param") -> torch.Tensor:
         """The canonical (unsharded) tensor."""
@@ -178,4 +225,14 @@ def load_weights(reader: CheckpointReader, named_params, *, tp_rank: int, tp_siz
                     f"{reader.path}: '{name}' has shape {tuple(value.shape)} for this layout, "
                     f"the model expects {tuple(param.shape)}"
                 )
+            check_finite(reader, name, "param", value)
             param.copy_(value)
+
+
+def check_finite(reader: CheckpointReader, name: str, kind: str, value: torch.Tensor) -> None:
+    """A NaN or infinite weight or moment would silently turn every later loss into NaN."""
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise CheckpointError(
+            f"{reader.path}: '{name}' ({kind}) holds NaN or infinite values; the run had "
+            "diverged when this checkpoint was written (resume an earlier one)"
+        )

@@ -8,7 +8,8 @@ which is what makes a checkpoint loadable at another data-parallel size.
     ZeRO 1/2, bf16 (any stage)  DeepSpeed's fragment API (`safe_get/set_full_*`), collective over DP
     ZeRO 3                      the same for reading; writing goes through `_z3_set` (below)
     ZeRO 0, fp32                the parameter itself and the torch optimizer's per-param state
-    optim.master_weights=fused  the optimizer's per-param state, which holds the fp32 `master`
+    optim.master_weights=fused  the optimizer's own `full_state` / `load_state` (collective over
+                                DP when it shards its state, ZeRO-1)
 
 Verified bit-exact: capture after N steps, restore into a fresh engine, and the next steps' losses
 equal an uninterrupted run for ZeRO 0-3 (tests/test_parallel.py).
@@ -46,16 +47,19 @@ def get_param_state(ds, param) -> dict[str, torch.Tensor]:
     """fp32 {param, exp_avg, exp_avg_sq} of one local parameter. Collective over the DP group
     for DeepSpeed-managed parameters: every DP rank must call it for the same parameters in the
     same order."""
+    opt = inner_optimizer(ds)
+    if hasattr(opt, "full_state"):  # our MasterWeightAdamW, sharded or not
+        return opt.full_state(param)
     if _managed(param):
         return {
             "param": safe_get_full_fp32_param(param),
             "exp_avg": safe_get_full_optimizer_state(param, "exp_avg"),
             "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq"),
         }
-    state = inner_optimizer(ds).state.get(param, {})
+    state = opt.state.get(param, {})
     zeros = torch.zeros_like(param, dtype=torch.float32)
     return {
-        "param": state["master"].clone() if "master" in state else param.detach().float(),
+        "param": param.detach().float(),
         "exp_avg": state.get("exp_avg", zeros).float(),
         "exp_avg_sq": state.get("exp_avg_sq", zeros).float(),
     }
@@ -68,6 +72,8 @@ def prepare_for_restore(ds) -> None:
     views into that state at the same time; a freshly built engine has neither.
     """
     opt = inner_optimizer(ds)
+    if hasattr(opt, "load_state"):  # MasterWeightAdamW: its state exists from construction
+        return
     flats = getattr(ds.optimizer, "fp32_partitioned_groups_flat", None)
     if flats is not None:  # ZeRO-3 swaps its flat partitions into param_groups only during step()
         pairs = [(p, opt.param_groups[0]) for p in flats]
@@ -99,7 +105,10 @@ def link_fragments(ds) -> None:
 
 def set_param_state(ds, param, values: dict[str, torch.Tensor]) -> None:
     """Inverse of `get_param_state` (call `prepare_for_restore` once before). Not collective."""
-    if hasattr(param, "ds_id"):
+    opt = inner_optimizer(ds)
+    if hasattr(opt, "load_state"):
+        opt.load_state(param, values)
+    elif hasattr(param, "ds_id"):
         for kind in KINDS:
             _z3_set(param, values[kind], None if kind == "param" else kind)
     elif _managed(param):
@@ -107,11 +116,9 @@ def set_param_state(ds, param, values: dict[str, torch.Tensor]) -> None:
         safe_set_full_optimizer_state(param, values["exp_avg"], "exp_avg")
         safe_set_full_optimizer_state(param, values["exp_avg_sq"], "exp_avg_sq")
     else:
-        state = inner_optimizer(ds).state[param]
+        state = opt.state[param]
         with torch.no_grad():
             param.copy_(values["param"])
-            if "master" in state:
-                state["master"].copy_(values["param"])
         state["exp_avg"].copy_(values["exp_avg"])
         state["exp_avg_sq"].copy_(values["exp_avg_sq"])
 
@@ -134,14 +141,20 @@ def _z3_set(param, value: torch.Tensor, key: str | None) -> None:
 
 
 def get_step(ds) -> int:
-    steps = {int(s["step"]) for s in inner_optimizer(ds).state.values() if "step" in s}
+    opt = inner_optimizer(ds)
+    if hasattr(opt, "get_step"):
+        return opt.get_step()
+    steps = {int(s["step"]) for s in opt.state.values() if "step" in s}
     if len(steps) > 1:
         raise RuntimeError(f"optimizer param groups disagree on the step count: {sorted(steps)}")
     return steps.pop() if steps else 0
 
 
 def set_step(ds, step: int) -> None:
-    for state in inner_optimizer(ds).state.values():
+    opt = inner_optimizer(ds)
+    if hasattr(opt, "set_step"):
+        return opt.set_step(step)
+    for state in opt.state.values():
         if "step" in state:
             state["step"] = torch.full_like(state["step"], float(step))
 

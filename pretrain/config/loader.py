@@ -3,9 +3,12 @@
     cfg = load_config("configs/tiny.yaml", ["train.steps=50", "model.hidden_size=128"])
 
 Values are converted by the field's annotation: `int` rejects `true` and `1.5`, `float` accepts
-integers, `Literal[...]` checks membership, `X | None` accepts null, tuples and lists check their
-items. Unknown keys, wrong types and missing sections are `ConfigError`s naming the dotted key and
-the file (or "override") they came from.
+integers but not NaN or infinity, `Literal[...]` checks membership, `X | None` accepts null, tuples
+and lists check their items. Unknown keys, wrong types and missing sections are `ConfigError`s
+naming the dotted key and the file (or "override") they came from. A key written twice in one
+mapping (a repeated section included) is an error naming it and its line, never a silent merge.
+Messages quote values through `pretrain.errors.clip`, so a huge value (a YAML alias bomb) gives
+a short message, fast.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import re
 import textwrap
 import types
@@ -23,7 +27,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from pretrain.config.schema import Config
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, clip
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -49,8 +53,59 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def _load_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+def _check_unique_keys(root: yaml.Node, source: str) -> None:
+    """Raise naming the first key that a mapping repeats (merge keys `<<` excepted). Each node
+    is visited once, so aliases (shared nodes) cost nothing however often they are used."""
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, prefix = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    stack.append((value_node, prefix))
+                    continue
+                key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                line = key_node.start_mark.line + 1
+                if key in lines and isinstance(key_node, yaml.ScalarNode):
+                    raise ConfigError(
+                        f"{source}: line {line}: duplicate key '{clip(prefix + key, 120, False)}' "
+                        f"(first at line {lines[key]}); write each key once"
+                    )
+                lines[key] = line
+                stack.append((value_node, f"{prefix}{key}."))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, prefix) for item in node.value)
+
+
+def _load_yaml(text: str, source: str = "override"):
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def load_yaml_text(text: str, source: str) -> dict[str, Any]:
+    """Parse a config document strictly (see the module docstring); it must be a mapping."""
+    try:
+        data = _load_yaml(text, source) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{source}: not valid YAML ({clip(first, 200, False)})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -63,13 +118,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             text = Path(path).read_text()
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
-        try:
-            data = _load_yaml(text) or {}
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"{path}: not valid YAML ({first})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        except (UnicodeDecodeError, IsADirectoryError) as exc:
+            raise ConfigError(f"{path}: not a readable text file ({type(exc).__name__})") from None
+        data = load_yaml_text(text, source)
     # Convert the file first so that its errors name the file, then apply each override.
     cfg = from_dict(Config, data, source=source)
     for item in overrides:
@@ -80,13 +131,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def apply_override(cfg: Config, item: str) -> Config:
     """Copy of `cfg` with one `dotted.key=value` override applied (the value parsed as YAML)."""
+    where = f"override {clip(item, 120)}"
     if "=" not in item:
-        raise ConfigError(f"override '{item}': expected key=value, e.g. train.steps=50")
+        raise ConfigError(f"{where}: expected key=value, e.g. train.steps=50")
     key, raw = item.split("=", 1)
     key = key.strip()
     try:
-        value = _load_yaml(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = _load_yaml(raw, where) if raw.strip() else None
+    except (yaml.YAMLError, RecursionError):
         value = raw
     data = to_dict(cfg)
     node = data
@@ -94,12 +146,14 @@ def apply_override(cfg: Config, item: str) -> Config:
     for depth, part in enumerate(parts[:-1]):
         if not isinstance(node, dict) or part not in node:
             raise ConfigError(
-                f"override '{item}': unknown key '{'.'.join(parts[: depth + 1])}'"
+                f"{where}: unknown key '{clip('.'.join(parts[: depth + 1]), 120, False)}'"
                 f" (valid: {_valid_keys(node)})"
             )
         node = node[part]
     if not isinstance(node, dict) or parts[-1] not in node:
-        raise ConfigError(f"override '{item}': unknown key '{key}' (valid: {_valid_keys(node)})")
+        raise ConfigError(
+            f"{where}: unknown key '{clip(key, 120, False)}' (valid: {_valid_keys(node)})"
+        )
     node[parts[-1]] = value
     return from_dict(Config, data, source="override")
 
@@ -142,7 +196,8 @@ def from_dict(cls: type, data: Any, *, source: str, prefix: str = "") -> Any:
     for key in data:
         if key not in fields:
             raise ConfigError(
-                f"{source}: unknown key '{prefix}{key}' (valid keys: {', '.join(fields)})"
+                f"{source}: unknown key '{clip(f'{prefix}{key}', 120, False)}' "
+                f"(valid keys: {', '.join(fields)})"
             )
     kwargs = {}
     for name in fields:
@@ -206,9 +261,11 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     if tp is float:
         # PyYAML (YAML 1.1) reads `3e-4` as a string; a plain number written so is still a number.
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key}: expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: {key}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -218,7 +275,7 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
 
 
 def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+    return f"{type(value).__name__} {clip(value)}" if value is not None else "null"
 
 
 def _valid_keys(node: Any) -> str:

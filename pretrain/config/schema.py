@@ -8,10 +8,17 @@ Cross-field rules live in each section's `validate()` and raise `ConfigError` na
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pretrain.errors import ConfigError
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """The embedding/output vocabulary: `vocab_size` rounded up to `multiple`; independent of
+    the TP size so every layout has identical weights."""
+    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 @dataclass(kw_only=True)
@@ -20,6 +27,19 @@ class RunConfig:
     """Run name: the run directory is `<output_dir>/<name>` and the MLflow run is named after it."""
     output_dir: str = "runs"
     """Root of all run directories; the default MLflow store (`mlflow.db`) lives here too."""
+
+    def validate(self) -> None:
+        name = self.name
+        if (
+            not name
+            or name in (".", "..")
+            or len(name) > 255
+            or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)
+        ):
+            raise ConfigError(
+                f"run.name is {name[:80]!r}; expected one plain directory name (no '/', not "
+                "'.' or '..', not empty, no control characters)"
+            )
 
 
 @dataclass(kw_only=True)
@@ -59,12 +79,19 @@ class ModelConfig:
     host gaps, longer compilation; pipeline parallelism always compiles per layer)."""
     sparse_output: bool = True
     """Run the output layer and cross-entropy only where the loss needs them (masked tokens),
-    in memory-bounded chunks. Not with sequence or pipeline parallelism (full head there)."""
+    in memory-bounded chunks (any layout; under sequence parallelism the head runs on every
+    position, as its output layer gathers the sequence)."""
     sdpa_backends: list[Literal["cudnn", "flash", "efficient", "math"]] = field(
         default_factory=lambda: ["cudnn", "flash", "efficient", "math"]
     )
     """Priority order of PyTorch's fused attention kernels for the `sdpa` backend on GPU
     (`cudnn`, `flash`, `efficient`, `math`); the first one that supports the inputs runs."""
+    fp8: Literal["tensorwise", "rowwise"] | Literal[False] = False
+    """FP8 matmuls (torchao float8 training, dynamic scaling) in every linear: `off` (YAML false,
+    the default), `tensorwise` (one scale per tensor) or `rowwise` (per row/column). Weights and
+    master weights keep their precision, so checkpoints are the same. Needs torchao
+    (`pip install '.[fp8]'`) and a GPU with FP8 tensor cores (CUDA capability >= 8.9);
+    docs/performance.md."""
 
     def validate(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -80,7 +107,15 @@ class ModelConfig:
             )
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise ConfigError("model.hidden_size / model.num_attention_heads must be even for RoPE")
-        for key in ("hidden_size", "num_layers", "ffn_hidden_size", "make_vocab_size_divisible_by"):
+        for key in (
+            "hidden_size",
+            "num_layers",
+            "ffn_hidden_size",
+            "make_vocab_size_divisible_by",
+            "rope_base",
+            "norm_eps",
+            "init_std",
+        ):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
 
@@ -122,6 +157,10 @@ class DiffusionConfig:
             )
         if self.block_length <= 0 or self.anneal_steps < 0:
             raise ConfigError("diffusion.block_length must be > 0 and diffusion.anneal_steps >= 0")
+        if self.distance_strength < 0:
+            raise ConfigError(
+                f"diffusion.distance_strength must be >= 0, got {self.distance_strength}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -150,7 +189,8 @@ class DataConfig:
     tokens; the rest is EOS padding with loss_mask False (shapes stay [b, seq_len])."""
     document_mask: bool = False
     """Attend only within each document of a packed block (documents end at EOS; truncation
-    padding is a document of its own), in training and validation (docs/data.md)."""
+    padding is a document of its own), in training and validation, with every objective (its
+    own attention pattern intersected with the documents) and layout (docs/data.md)."""
 
     def validate(self) -> None:
         if self.num_workers < 0:
@@ -204,6 +244,20 @@ class TrainConfig:
     init_from: str | None = None
     """A checkpoint directory whose weights start a fresh run (no optimizer state, step 0), e.g.
     a causal `ar` checkpoint for `ar_adapt`; ignored when the run resumes its own checkpoint."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm: `stop` ends the run with an error at the next
+    log/eval/checkpoint boundary, before anything non-finite is saved; `skip` skips the update
+    of such a step (no parameter or moment changes; counted as `train/skipped_steps`), which
+    needs the fused optimizer (`optim.master_weights` fused/auto with ZeRO 0/1)."""
+    spike_zscore: float = 6.0
+    """A step whose loss exceeds the mean of the previous `spike_window` steps by this many
+    standard deviations is a loss spike: counted (`train/loss_spikes`) and reported."""
+    spike_window: int = 100
+    """Steps of loss history the spike detector compares against."""
+    verify_checkpoints: bool = True
+    """Check every file of a checkpoint against the content hashes in its COMPLETE.json before
+    resuming or initialising from it; a resume falls back to the newest checkpoint that
+    verifies (docs/reliability.md). False checks the file set and sizes only."""
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "keep_last"):
@@ -212,6 +266,8 @@ class TrainConfig:
         for key in ("eval_interval", "checkpoint_interval", "eval_batches"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.spike_zscore > 0 or self.spike_window < 2:
+            raise ConfigError("train.spike_zscore must be > 0 and train.spike_window >= 2")
 
 
 @dataclass(kw_only=True)
@@ -230,10 +286,12 @@ class OptimConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
-    master_weights: Literal["deepspeed", "fused"] = "deepspeed"
-    """Who keeps the fp32 master weights of bf16 training: DeepSpeed's bf16/ZeRO optimizer, or
-    `fused`: our multi-tensor AdamW (fp32 gradient accumulation, one flat all-reduce, no host
-    sync in the step). `fused` needs parallel.zero_stage=0 and parallel.pipeline_parallel=1."""
+    master_weights: Literal["auto", "deepspeed", "fused"] = "auto"
+    """Who keeps the fp32 master weights and AdamW state: `fused`, our multi-tensor AdamW (fp32
+    gradient accumulation, one flat reduction, no host sync in the step; with
+    parallel.zero_stage=1 its state is sharded over data parallelism), or DeepSpeed's bf16/ZeRO
+    optimizer (`deepspeed`, needed for ZeRO-2/3). `auto`: `fused` for ZeRO 0/1, else
+    `deepspeed` (equal losses and parameters: tests/test_layouts.py)."""
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -242,6 +300,14 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"optim.adam_eps must be positive, got {self.adam_eps}")
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
 
 
 @dataclass(kw_only=True)
@@ -275,6 +341,19 @@ class TrackingConfig:
     """Tracking URI; null uses $MLFLOW_TRACKING_URI, else `sqlite:///<output_dir>/mlflow.db`."""
     experiment: str = "dlm-pretrain"
     """MLflow experiment name."""
+    startup_timeout_s: float = 60.0
+    """Longest wait for MLflow to open the run (connect, create or reopen it); beyond it
+    `tracking.on_error` applies."""
+    timeout_s: float = 15.0
+    """Longest wait for each MLflow logging call; beyond it `tracking.on_error` applies."""
+    on_error: Literal["fail", "warn"] = "warn"
+    """An MLflow failure or time-out: `warn` says so in one line and trains on, logging the
+    metrics to `<run dir>/metrics.jsonl` instead; `fail` stops the run with the error."""
+
+    def validate(self) -> None:
+        for key in ("startup_timeout_s", "timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"tracking.{key} must be positive, got {getattr(self, key)}")
 
 
 @dataclass(kw_only=True)
@@ -374,7 +453,10 @@ class EvalConfig:
     """Steps between information-decay probes (prompt + masks, one forward; 0 disables): the
     profile plot and summary numbers and the distance-bucketed validation CE go to MLflow."""
     probe_prompts: str | None = None
-    """jsonl file of probe prompts (`text` field); null takes validation sequences' starts."""
+    """jsonl file of probe prompts (the `probe_field` field of each line); null takes
+    validation sequences' starts."""
+    probe_field: str = "text"
+    """Field of each `probe_prompts` line that holds the prompt text (as `dlm probe --field`)."""
     probe_prompt_count: int = 8
     """Prompts taken from the validation split when `probe_prompts` is null."""
     probe_prompt_tokens: int = 16
@@ -407,6 +489,8 @@ class EvalConfig:
             raise ConfigError("eval.task_mc_samples and eval.task_limit must be positive")
         if self.tasks and not self.task_interval:
             raise ConfigError("eval.tasks is set but eval.task_interval is 0: set the interval")
+        if not self.probe_field:
+            raise ConfigError("eval.probe_field must name a field of the prompts' jsonl lines")
 
 
 @dataclass(kw_only=True)
@@ -435,42 +519,53 @@ class Config:
     """Diagnostics: the information-decay probe, distance-bucketed validation CE, and benchmark
     tasks (lm-evaluation-harness) during training."""
 
-    def _check_document_mask(self) -> None:
-        objective = self.diffusion.objective
-        conflicts = {
-            f"diffusion.objective '{objective}' (it brings its own attention mask)": (
-                objective != "masked"
-            ),
-            "parallel.pipeline_parallel > 1 (the pipeline engine carries no attention mask)": (
-                self.parallel.pipeline_parallel > 1
-            ),
+    def _check_fp8_widths(self, tp: int) -> None:
+        """FP8 GEMMs need each linear's input and output widths per TP rank in multiples of 16."""
+        m = self.model
+        head_dim = m.hidden_size // m.num_attention_heads
+        groups = m.num_query_groups or m.num_attention_heads
+        widths = {
+            "model.hidden_size": m.hidden_size,
+            "model.ffn_hidden_size": m.ffn_hidden_size,
+            "the fused QKV width head_dim * (heads + 2 * query groups)": head_dim
+            * (m.num_attention_heads + 2 * groups),
+            "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
         }
-        for what, conflict in conflicts.items():
-            if conflict:
-                raise ConfigError(f"data.document_mask cannot be combined with {what}")
+        for what, width in widths.items():
+            if width % (16 * tp):
+                raise ConfigError(
+                    f"model.fp8 '{m.fp8}' needs {what} ({width}) divisible by 16 x "
+                    f"parallel.tensor_parallel ({tp}): FP8 GEMMs take widths in multiples of 16"
+                )
 
     def validate(self) -> None:
         for section in (self.model, self.diffusion, self.train, self.optim, self.parallel):
             section.validate()
+        for section in (self.run, self.data, self.tracking):
+            section.validate()
         self.launch.validate()
         self.auxiliary.validate()
         self.eval.validate()
-        if self.diffusion.objective != "masked" and self.parallel.pipeline_parallel > 1:
+        from pretrain.diffusion.registry import check_config  # plain data, no torch
+
+        check_config(self)  # what the objective takes (schedules, prefixes, auxiliary losses)
+        fused = self.optim.master_weights == "fused" or (
+            self.optim.master_weights == "auto" and self.parallel.zero_stage <= 1
+        )
+        if self.train.on_nonfinite == "skip" and not fused:
             raise ConfigError(
-                f"diffusion.objective '{self.diffusion.objective}' needs attention masks, which "
-                "the pipeline engine does not carry: use parallel.pipeline_parallel=1"
+                "train.on_nonfinite 'skip' decides on the device inside the fused optimizer: it "
+                "needs optim.master_weights 'fused' or 'auto' with parallel.zero_stage 0 or 1"
             )
-        if self.data.document_mask:
-            self._check_document_mask()
-        if self.optim.master_weights == "fused" and (
-            self.parallel.zero_stage or self.parallel.pipeline_parallel > 1
-        ):
+        if self.optim.master_weights == "fused" and self.parallel.zero_stage > 1:
             raise ConfigError(
-                "optim.master_weights 'fused' keeps a whole optimizer state per replica: it needs "
-                f"parallel.zero_stage=0 (got {self.parallel.zero_stage}) and "
-                f"parallel.pipeline_parallel=1 (got {self.parallel.pipeline_parallel})"
+                "optim.master_weights 'fused' shards its optimizer state over data parallelism "
+                f"as ZeRO-1 does: it needs parallel.zero_stage 0 or 1 (got "
+                f"{self.parallel.zero_stage}); ZeRO-2/3 run with 'deepspeed' (or 'auto')"
             )
         tp = self.parallel.tensor_parallel
+        if self.model.fp8:
+            self._check_fp8_widths(tp)
         if self.model.num_attention_heads % tp:
             raise ConfigError(
                 f"model.num_attention_heads ({self.model.num_attention_heads}) must be divisible "

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from pretrain.diffusion.corruption import CorruptionKey, derived_generator
-from pretrain.diffusion.objective import DiffusionBatch, MaskedDiffusion, register_objective
+from pretrain.diffusion.masks import causal_mask
+from pretrain.diffusion.objective import DiffusionBatch, MaskedDiffusion
 from pretrain.diffusion.schedules import build_schedule
-from pretrain.model.attention import causal_mask
 
 
 def _shift_left(x: torch.Tensor, fill) -> torch.Tensor:
@@ -30,7 +30,12 @@ def _shift_left(x: torch.Tensor, fill) -> torch.Tensor:
     return torch.cat([x[:, 1:], torch.full_like(x[:, :1], fill)], dim=1)
 
 
-@register_objective
+def _shift_right(logits: torch.Tensor) -> torch.Tensor:
+    """out_i = logits_{i-1}: hidden state i-1 predicts token i (position 0 keeps its own; it is
+    always part of the prompt)."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
 class CausalLM(MaskedDiffusion):
     """Next-token prediction under a causal mask (the AR baseline and the adaptation start)."""
 
@@ -61,14 +66,27 @@ class CausalLM(MaskedDiffusion):
             masked=eligible,
             num_masked=b * (s - 1) if loss_mask is None else None,
             t=torch.ones(b, device=x0.device),
-            attention_mask=causal_mask(s, x0.device)[None, None],
+            attention_mask=self.generation_mask(s, x0.device),
+            clean=x0,
+            noised=torch.zeros_like(eligible),
         )
 
     def prepare_eval(self, x0, key) -> DiffusionBatch:
         return self.prepare(x0, key)
 
+    def generation_mask(self, s, device):
+        key = (s, str(device))
+        if getattr(self, "_causal", (None,))[0] != key:  # one cached tensor per shape
+            self._causal = (key, causal_mask(s, device)[None, None])
+        return self._causal[1]
 
-@register_objective
+    def align_logits(self, logits):
+        return _shift_right(logits)
+
+    def decode_defaults(self, seq_len):
+        return {"order": "left_to_right", "tokens_per_step": 1}
+
+
 class ARAdaptation(MaskedDiffusion):
     """Masked diffusion on a causal start: one-token shift and causal -> bidirectional anneal."""
 
@@ -124,8 +142,12 @@ class ARAdaptation(MaskedDiffusion):
             batch.num_masked = None  # changed by the line above, by an amount only the device knows
         return self._finish(batch, x0.shape[1], self.anneal_steps)
 
+    def align_logits(self, logits):
+        return _shift_right(logits) if self.shift else logits
+
     def _finish(self, batch: DiffusionBatch, s: int, step: int) -> DiffusionBatch:
         if self.shift:  # column 0 is clean on both paths, so the shift keeps `num_masked`
+            batch.clean, batch.noised = batch.targets, batch.masked
             batch.targets = _shift_left(batch.targets, 0)
             batch.masked = _shift_left(batch.masked, False)
             batch.loss_weights = _shift_left(batch.loss_weights, 0.0)

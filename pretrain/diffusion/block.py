@@ -11,7 +11,8 @@ Vectorised training runs all blocks in one forward over [x_t ; x0] (length 2L, R
 sees itself and the clean blocks before it, clean tokens see clean blocks causally. Only the x_t
 half carries loss weights. The attention backend must take a mask: `flex` on GPU (block-sparse),
 `sdpa` / `masked` with the explicit boolean mask on CPU. Generation decodes block by block with
-`block_causal_mask` (see `pretrain.sampling.sampler.block_model_fn`).
+`block_causal_mask` (`generation_mask`). With `data.document_mask` the block mask and the
+document mask intersect: position i of either half belongs to the document of x0_i.
 """
 
 from __future__ import annotations
@@ -19,17 +20,12 @@ from __future__ import annotations
 import torch
 
 from pretrain.diffusion.corruption import CorruptionKey, mask_tokens, to_device
-from pretrain.diffusion.objective import (
-    DiffusionBatch,
-    MaskedDiffusion,
-    register_objective,
-)
+from pretrain.diffusion.masks import block_causal_mask, block_diffusion_mask
+from pretrain.diffusion.objective import DiffusionBatch, MaskedDiffusion
 from pretrain.diffusion.schedules import build_schedule
 from pretrain.errors import ConfigError
-from pretrain.model.attention import block_diffusion_mask
 
 
-@register_objective
 class BlockDiffusion(MaskedDiffusion):
     """Masked diffusion within blocks of `block_length`, autoregressive across blocks."""
 
@@ -122,7 +118,16 @@ class BlockDiffusion(MaskedDiffusion):
         """Per token slot of the sequence (L per row, not the 2L of the doubled input)."""
         loss, metrics = super().loss(ce, batch)
         # the x0 half never carries weight: rescale slot-normalised metrics from 2L to L slots
-        half = {"nelbo_per_token_slot", "masked_ce_per_token_slot", "masked_fraction"}
+        half = {self.bound_name, "masked_ce_per_token_slot", "masked_fraction"}
         if self.metric_name in half:
             loss = loss * 2
         return loss, {k: v * 2 if k in half else v for k, v in metrics.items()}
+
+    def generation_mask(self, s, device):
+        return block_causal_mask(s, self.block_length, device)[None, None]
+
+    def decode_defaults(self, seq_len):
+        return {"order": "confidence", "block_length": self.block_length}
+
+    def documents(self, docs):
+        return docs.concat_positions()  # the input is [x_t ; x0]

@@ -1,9 +1,12 @@
 """Training objectives. An objective turns clean tokens into a model input plus per-token loss
-weights (`prepare`), and per-token cross-entropies into a scalar loss (`loss`).
+weights (`prepare`), per-token cross-entropies into a scalar loss (`loss`), and says how a model
+it trained is run at generation time (`generation_mask`, `align_logits`, `decode_defaults`).
 
 Splitting it this way keeps the objective ignorant of the parallel layout: the corruption runs
 before the model (identically on every rank of a replica), and the loss is a weighted sum of the
-per-token CE the model's last stage produces, whatever the pipeline or tensor layout.
+per-token CE the model's last stage produces, whatever the pipeline or tensor layout. The recipe
+(`pretrain.diffusion.recipe`) puts an objective together with document masks and auxiliary
+losses; the objectives are listed in `pretrain.diffusion.registry`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import torch
 
 from pretrain.config import DiffusionConfig
 from pretrain.diffusion.corruption import CorruptionKey, mask_tokens, sample_times, to_device
+from pretrain.diffusion.labels import per_token_slot_name
+from pretrain.diffusion.registry import objective_spec
 from pretrain.diffusion.schedules import NoiseSchedule, build_schedule
-from pretrain.errors import ConfigError
+from pretrain.model.masks import DocumentMask
 
 
 @dataclass
@@ -32,14 +37,29 @@ class DiffusionBatch:
     t: torch.Tensor
     """[b]: diffusion time per sequence."""
     attention_mask: torch.Tensor | None = None
-    """None (bidirectional) or bool [b|1, 1, s, s], True = may attend."""
+    """The objective's attention pattern: None (bidirectional) or bool [1, 1, s, s], True = may
+    attend (the recipe adds the documents of `data.document_mask`)."""
     num_masked: int | None = None
     """`masked.sum()` when the host knows it without a device sync (else None)."""
     position_ids: torch.Tensor | None = None
     """None (0..s-1) or long [s]: RoPE positions shared by the batch (block diffusion)."""
+    clean: torch.Tensor | None = None
+    """[b, s] the clean tokens in input positions, where they differ from `targets` (the
+    one-token shift); None means `targets`."""
+    noised: torch.Tensor | None = None
+    """[b, s] bool: the input positions holding the mask token, where they differ from
+    `masked` (the shift); None means `masked`."""
+
+    @property
+    def clean_inputs(self) -> torch.Tensor:
+        return self.targets if self.clean is None else self.clean
+
+    @property
+    def corrupted(self) -> torch.Tensor:
+        return self.masked if self.noised is None else self.noised
 
 
-# Explicit normalisation (DESIGN.md sec. 3): the metric name says which one produced the loss.
+# Explicit normalisation (docs/design.md §3): the metric name says which one produced the loss.
 NORMALIZATIONS: dict[str, tuple[str, Callable[[torch.Tensor, DiffusionBatch], torch.Tensor]]] = {
     # sum over masked tokens / (B * L): an unbiased per-token NELBO estimate (LLaDA pretraining)
     "token_slot": ("nelbo_per_token_slot", lambda s, b: s / b.targets.numel()),
@@ -90,6 +110,11 @@ class MaskedDiffusion:
         self.antithetic = antithetic
         self.z = schedule.window_normalizer(eps)
         self.metric_name, self._normalize = NORMALIZATIONS[normalization]
+        # A content-dependent schedule is a surrogate, not a bound: its loss is never named for
+        # a likelihood.
+        self.bound_name = per_token_slot_name(schedule)  # pretrain.diffusion.labels
+        if self.metric_name == "nelbo_per_token_slot":
+            self.metric_name = self.bound_name
         # Every key `loss` reports, plus the loss itself, in a fixed order for reductions. All are
         # means over token slots, so micro-batches and replicas (equal slot counts) average
         # exactly; ratios such as `ce_masked` are derived afterwards by `summarize`.
@@ -98,7 +123,7 @@ class MaskedDiffusion:
                 [
                     "loss",
                     self.metric_name,
-                    "nelbo_per_token_slot",
+                    self.bound_name,
                     "masked_ce_per_token_slot",
                     "masked_fraction",
                 ]
@@ -117,7 +142,7 @@ class MaskedDiffusion:
         `loss_mask` [b, s] bool (None: every position eligible): positions where it is False (an
         SFT prompt, padding) stay clean, are never targets, and count as visible context for
         position-aware schedules. With `prefix_probability` > 0, a keyed random-length prefix of
-        a sequence also stays clean and out of the loss (prefix conditioning, DESIGN.md sec. 4).
+        a sequence also stays clean and out of the loss (prefix conditioning, docs/design.md §4).
         `x0_host`: the same tokens on the host when x0 is on a GPU: per-position noise levels
         (position-aware schedules, prefixes, loss masks) are then computed there, so preparing
         the batch never waits for the device.
@@ -191,7 +216,7 @@ class MaskedDiffusion:
         slots = batch.targets.numel()
         metrics = {
             self.metric_name: loss.detach(),
-            "nelbo_per_token_slot": (weighted / slots).detach(),
+            self.bound_name: (weighted / slots).detach(),
             "masked_ce_per_token_slot": (torch.where(batch.masked, ce, 0.0).sum() / slots).detach(),
             "masked_fraction": (batch.masked.sum() / slots).detach(),
         }
@@ -215,24 +240,31 @@ class MaskedDiffusion:
         out["ce_masked"] = means["masked_ce_per_token_slot"] / max(means["masked_fraction"], 1e-12)
         return out
 
+    # ------------------------------------------------------------------ generation
+    def generation_mask(self, s: int, device) -> torch.Tensor | None:
+        """The attention pattern a model trained by this objective decodes under ([1, 1, s, s]
+        bool, or None for bidirectional)."""
+        return None
 
-OBJECTIVES: dict[str, type] = {"masked": MaskedDiffusion}
+    def align_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's logits [b, s, V] -> logits for the token at each input position (the
+        identity unless the objective shifts its targets)."""
+        return logits
 
+    def decode_defaults(self, seq_len: int) -> dict:
+        """Sampler keyword arguments that match training: order, schedule, block length."""
+        if self.schedule.position_aware:
+            return {"order": "schedule", "schedule": self.schedule}
+        return {"order": "confidence"}
 
-def register_objective(cls: type) -> type:
-    OBJECTIVES[cls.name] = cls
-    return cls
+    def documents(self, docs: DocumentMask) -> DocumentMask:
+        """The document mask of this objective's input for documents `docs` of x0 (the same
+        positions, unless the input is longer than the sequence)."""
+        return docs
 
 
 def build_objective(cfg: DiffusionConfig, *, mask_id: int, seq_len: int = 128):
-    """The configured objective; `seq_len` is the horizon position-aware schedules measure
-    distances against."""
-    import pretrain.diffusion.ar_adapt  # noqa: F401  (registers `ar`, `ar_adapt`)
-    import pretrain.diffusion.block  # noqa: F401  (registers `block`)
-
-    if cfg.objective not in OBJECTIVES:
-        raise ConfigError(
-            f"diffusion.objective: unknown objective '{cfg.objective}' "
-            f"(expected one of: {', '.join(OBJECTIVES)})"
-        )
-    return OBJECTIVES[cfg.objective].from_config(cfg, mask_id=mask_id, seq_len=seq_len)
+    """The configured objective (registry: `pretrain.diffusion.registry`); `seq_len` is the
+    horizon position-aware schedules measure distances against."""
+    cls = objective_spec(cfg.objective).load()
+    return cls.from_config(cfg, mask_id=mask_id, seq_len=seq_len)

@@ -2,7 +2,7 @@
 
 A schedule gives every position i the probability `alpha_i(t)` that its token is still clean at
 time t in [0, 1], with alpha_i(0) = 1 (data) and alpha_i(1) ~ 0 (all masked). The continuous-time
-NELBO (DESIGN.md sec. 3-4) is
+NELBO (docs/design.md §3-4) is
 
     L = E_t E_q  sum_i 1[x_t^i = m] * w_i(t) * (-log p(x0_i | x_t)),
     w_i(t) = -alpha_i'(t) / (1 - alpha_i(t)).

@@ -32,6 +32,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--registered-name", help="MLflow registered model name (default: run name)"
     )
+    from pretrain.checkpoint.marker import add_no_verify_argument
+
+    add_no_verify_argument(parser)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -46,6 +49,7 @@ def run_export(args: argparse.Namespace) -> int:
         register=not args.no_register,
         registered_name=args.registered_name,
         overwrite=args.overwrite,
+        verify=not args.no_verify,
     )
     print(
         f"wrote {out} (load with AutoModelForMaskedLM.from_pretrained(..., trust_remote_code=True))"

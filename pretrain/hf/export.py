@@ -175,14 +175,16 @@ def export_checkpoint(
     register: bool = True,
     registered_name: str | None = None,
     overwrite: bool = False,
+    verify: bool = True,
 ) -> Path:
-    """Write the Hugging Face directory of `checkpoint` to `out_dir`; returns `out_dir`."""
+    """Write the Hugging Face directory of `checkpoint` to `out_dir`; returns `out_dir`.
+    `verify=False` skips the checkpoint's content hashes (file set and sizes still checked)."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
     out, staging = staging_dir(out_dir, overwrite=overwrite)
     try:
-        model = read_checkpoint(checkpoint, data_dir=data_dir)
+        model = read_checkpoint(checkpoint, data_dir=data_dir, verify=verify)
         tracking = tracking_client(model)
         write_directory(model, staging, dtype, max_bytes, final_metrics(tracking, model.run_id))
         publish(staging, out)

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from pretrain.checkpoint.format import (
     CheckpointReader,
@@ -22,10 +21,9 @@ from pretrain.checkpoint.format import (
     trainer_state_file,
 )
 from pretrain.checkpoint.manager import load_trainer_state, verify_checkpoint
-from pretrain.config.loader import from_dict
-from pretrain.config.schema import Config
+from pretrain.config.loader import from_dict, load_yaml_text
+from pretrain.config.schema import Config, padded_vocab_size
 from pretrain.errors import CheckpointError, DataError
-from pretrain.model.transformer import padded_vocab_size
 
 TOKENIZER_RECORD = "tokenizer_record.json"
 """Written next to an imported checkpoint's tokenizer.json: its special tokens (no manifest)."""
@@ -47,20 +45,32 @@ class TokenizerRecord:
 
 
 def tokenizer_record(data_dir: Path) -> TokenizerRecord:
-    """The tokenizer of a dataset (its manifest) or of an imported checkpoint (its record)."""
-    if (data_dir / TOKENIZER_RECORD).is_file():
-        raw = json.loads((data_dir / TOKENIZER_RECORD).read_text())
-        return TokenizerRecord(**dict(raw, file=str(data_dir / raw["file"])))
+    """The tokenizer of a dataset (its manifest, its tokenizer file checked against it) or of
+    an imported checkpoint (its record)."""
+    record = data_dir / TOKENIZER_RECORD
+    if record.is_file():
+        try:
+            raw = json.loads(record.read_text())
+            fields = {f: raw[f] for f in TokenizerRecord.__dataclass_fields__}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise CheckpointError(
+                f"{record}: malformed (expected {', '.join(TokenizerRecord.__dataclass_fields__)})"
+            ) from None
+        if not isinstance(fields["file"], str) or Path(fields["file"]).name != fields["file"]:
+            raise CheckpointError(f"{record}: field 'file' must be a file name in {data_dir}")
+        return TokenizerRecord(**dict(fields, file=str(data_dir / fields["file"])))
     if not (data_dir / "manifest.json").is_file():
         raise DataError(
             f"{data_dir}: no manifest.json; the export needs the training data's tokenizer and "
             "mask token (pass --data DIR, the directory of the dataset the model was trained on)"
         )
-    from data_pipeline.manifest import Manifest
+    from data_pipeline.manifest import MANIFEST_FILE, Manifest
+    from data_pipeline.tokenizer import check_dataset_tokenizer
 
     tok = Manifest.load(data_dir).tokenizer
+    file = check_dataset_tokenizer(data_dir, tok, data_dir / MANIFEST_FILE)
     return TokenizerRecord(
-        file=str(data_dir / tok.file),
+        file=str(file),
         vocab_size=tok.vocab_size,
         mask_token=tok.mask_token,
         mask_id=tok.mask_id,
@@ -113,8 +123,11 @@ class CanonicalState(Mapping[str, torch.Tensor]):
         return len(self._names)
 
 
-def read_checkpoint(path: str | Path, *, data_dir: str | Path | None = None) -> TrainedModel:
-    """Verify a complete checkpoint; its canonical tensors are read when looked up."""
+def read_checkpoint(
+    path: str | Path, *, data_dir: str | Path | None = None, verify: bool = True
+) -> TrainedModel:
+    """Verify a complete checkpoint (content hashes too unless `verify` is False); its
+    canonical tensors are read when looked up."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
@@ -124,9 +137,9 @@ def read_checkpoint(path: str | Path, *, data_dir: str | Path | None = None) -> 
             f"{path}: no config.yaml; cannot tell which model the checkpoint holds "
             "(expected the resolved run config that every checkpoint is sealed with)"
         )
-    verify_checkpoint(path)
+    verify_checkpoint(path, hashes=verify)
     config_yaml = config_file.read_text()
-    cfg = from_dict(Config, yaml.safe_load(config_yaml), source=str(config_file))
+    cfg = from_dict(Config, load_yaml_text(config_yaml, str(config_file)), source=str(config_file))
     cfg.validate()
     reader = CheckpointReader(path)
     reader.check_matches(canonical_names(cfg.model.num_layers))

@@ -4,10 +4,12 @@ Megatron-core's own `DotProductAttention` allocates CUDA buffers and only knows 
 masks; diffusion LMs attend bidirectionally and later objectives (block diffusion, AR->DLM
 annealing) need arbitrary boolean masks. So the `core_attention` slot of the layer spec is ours.
 
-Mask convention (ours, the opposite of Megatron's): `mask` is None for full bidirectional attention,
-or a bool tensor broadcastable to [batch, heads, s_q, s_k] where True means "may attend". A document
-mask of packed blocks (`documents.DocumentMask`) reaches each backend in the form its `documents`
-hook makes of it, once per forward.
+Mask convention (ours, the opposite of Megatron's): the model passes None for full bidirectional
+attention, or an `AttentionMask` (an objective's bool pattern, True = may attend, and/or the
+documents of packed blocks; `pretrain.model.masks`), which reaches each backend in the form its
+`prepare` hook makes of it, once per forward: a dense bool tensor broadcastable to
+[batch, heads, s_q, s_k], a FlexAttention BlockMask, or the documents' variable-length segments.
+Which patterns exist is the objectives' business (`pretrain.diffusion.masks`), not the model's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from pretrain.errors import ConfigError
-from pretrain.model.documents import DocumentMask, flex_document_block_mask
+from pretrain.model.masks import AttentionMask, DocumentMask, flex_block_mask
 
 # q: [b, hq, s, d]; k, v: [b, hkv, s, d] with hq a multiple of hkv (GQA) -> [b, hq, s, d]
 AttentionFn = Callable[..., torch.Tensor]
@@ -34,18 +36,18 @@ class AttentionBackend:
     supports_mask: bool
     available: Callable[[], str | None]
     """Returns None when usable here, else the reason it is not."""
-    documents: Callable[[DocumentMask], object]
-    """The `mask` this backend takes for a document mask (default: the dense bool mask)."""
+    prepare: Callable[[AttentionMask], object]
+    """The `mask` this backend takes for an `AttentionMask` (default: the dense bool mask)."""
 
 
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {}
 
 
 def register_attention(
-    name: str, *, supports_mask: bool, available=lambda: None, documents=DocumentMask.dense
+    name: str, *, supports_mask: bool, available=lambda: None, prepare=AttentionMask.dense
 ):
     def wrap(fn: AttentionFn) -> AttentionFn:
-        ATTENTION_BACKENDS[name] = AttentionBackend(name, fn, supports_mask, available, documents)
+        ATTENTION_BACKENDS[name] = AttentionBackend(name, fn, supports_mask, available, prepare)
         return fn
 
     return wrap
@@ -105,8 +107,18 @@ def _flash_available() -> str | None:
     return None
 
 
+def _flash_prepare(mask: AttentionMask) -> DocumentMask | None:
+    if mask.pattern is not None:
+        raise ConfigError(
+            "model.attention_backend 'flash' cannot take an attention pattern (flash-attn has "
+            "causal and variable-length kernels, not arbitrary masks); use 'sdpa' or 'flex' for "
+            "objectives that bring their own mask"
+        )
+    return mask.documents
+
+
 @register_attention(
-    "flash", supports_mask=False, available=_flash_available, documents=lambda docs: docs
+    "flash", supports_mask=False, available=_flash_available, prepare=_flash_prepare
 )
 def flash_attention(q, k, v, *, mask=None, scale=None, dropout_p=0.0):
     """flash-attn 2/3, bidirectional (fp16/bf16 on CUDA); a `DocumentMask` runs the
@@ -131,16 +143,17 @@ def _flash_documents(q, k, v, docs: DocumentMask, *, scale, dropout_p):
     from flash_attn import flash_attn_varlen_func
 
     b, hq, s, d = q.shape
+    cu_seqlens, max_seqlen = docs.varlen()
     # [b, h, s, d] -> [b * s, h, d]: the documents are contiguous runs of the flattened tokens
     q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v))
     out = flash_attn_varlen_func(
         q,
         k,
         v,
-        docs.cu_seqlens,
-        docs.cu_seqlens,
-        docs.max_seqlen,
-        docs.max_seqlen,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
         dropout_p=dropout_p,
         softmax_scale=scale,
         causal=False,
@@ -161,74 +174,37 @@ def _flex_available() -> str | None:
 _FLEX_CACHE: dict = {}
 
 
-@register_attention(
-    "flex", supports_mask=True, available=_flex_available, documents=flex_document_block_mask
-)
+def _flex_prepare(mask: AttentionMask):
+    """A BlockMask of `mask`. A pattern alone (an objective's, the same for every batch) is
+    converted once and kept while the caller keeps passing the same tensor object (held here,
+    so its memory cannot be reused by another tensor while cached); document masks change with
+    every batch and are converted per forward."""
+    if mask.documents is not None or mask.pattern is None:
+        return flex_block_mask(mask)
+    cached = _FLEX_CACHE.get("pattern")
+    if cached is None or cached[0] is not mask.pattern:
+        _FLEX_CACHE["pattern"] = (mask.pattern, flex_block_mask(mask))
+    return _FLEX_CACHE["pattern"][1]
+
+
+@register_attention("flex", supports_mask=True, available=_flex_available, prepare=_flex_prepare)
 def flex_attention_backend(q, k, v, *, mask=None, scale=None, dropout_p=0.0):
     """FlexAttention (GPU): block-sparse kernels that skip fully masked tiles of e.g. the
-    block-diffusion mask over [x_t ; x0]. The bool mask becomes a BlockMask once per distinct mask
-    tensor (the objectives cache theirs). Checked on an H100 against `masked` (equal within 1e-6),
-    but slower than `sdpa` with the boolean mask at a small shape (docs/schedules.md): measure
-    before choosing it.
+    block-diffusion mask over [x_t ; x0] or of packed documents. Takes the BlockMask `prepare`
+    makes. Checked on an H100 against `masked` (equal within 1e-6), but slower than `sdpa` with
+    the boolean mask at a small shape (docs/schedules.md): measure before choosing it.
     """
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     if dropout_p:
         raise ConfigError("model.attention_backend 'flex' does not support attention dropout")
-    block_mask = mask if isinstance(mask, BlockMask) else None  # a document mask, prepared
-    if mask is not None and block_mask is None:
-        dense = mask.reshape(mask.shape[-2], mask.shape[-1]) if mask.shape[0] == 1 else None
-        if dense is None:
-            raise ConfigError("'flex' takes one mask shared by the batch ([1, 1, s, s])")
-        cache_key = (dense.data_ptr(), dense.shape, q.device)
-        if cache_key not in _FLEX_CACHE:
-            _FLEX_CACHE.pop(_FLEX_CACHE.pop("mask", None), None)  # keep one BlockMask only
-            _FLEX_CACHE["mask"] = cache_key
-            _FLEX_CACHE[cache_key] = create_block_mask(
-                lambda b, h, qi, ki: dense[qi, ki], None, None, *dense.shape, device=q.device
-            )
-        block_mask = _FLEX_CACHE[cache_key]
+    if isinstance(mask, torch.Tensor):  # a dense mask passed straight to the kernel function
+        mask = _flex_prepare(AttentionMask(pattern=mask))
     if "kernel" not in _FLEX_CACHE:  # eager flex_attention is a slow reference: compile it once
         _FLEX_CACHE["kernel"] = torch.compile(flex_attention)
     return _FLEX_CACHE["kernel"](
-        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
-
-
-# Masks of the hybrid objectives (True = may attend); all [s_q, s_k] bool, built once per shape.
-
-
-def causal_mask(s: int, device=None) -> torch.Tensor:
-    """[s, s]: position i attends j <= i (autoregressive)."""
-    return torch.ones(s, s, dtype=torch.bool, device=device).tril()
-
-
-def block_causal_mask(s: int, block: int, device=None) -> torch.Tensor:
-    """[s, s]: i attends j iff block(j) <= block(i), block(i) = i // block. What a block-diffusion
-    model sees at generation: the current (noisy) block and the clean blocks before it."""
-    ids = torch.arange(s, device=device) // block
-    return ids[None, :] <= ids[:, None]
-
-
-def block_diffusion_mask(length: int, block: int, device=None) -> torch.Tensor:
-    """[2L, 2L] for the vectorised block-diffusion input [x_t ; x0] (BD3-LM):
-
-        M = M_BD | M_OBC | M_BC, with b(i) the block of position i within its half:
-        M_BD  (noisy -> noisy): b(i) == b(j)   a noisy block sees itself (bidirectionally);
-        M_OBC (noisy -> clean): b(j) <  b(i)   and the clean blocks before it;
-        M_BC  (clean -> clean): b(j) <= b(i)   clean tokens see clean blocks causally.
-    Clean tokens never see noisy ones, so the x0 half computes exactly the context a per-block
-    forward pass would.
-    """
-    ids = torch.arange(2 * length, device=device)
-    noisy = ids < length
-    blk = (ids % length) // block
-    qn, kn = noisy[:, None], noisy[None, :]
-    qb, kb = blk[:, None], blk[None, :]
-    m_bd = qn & kn & (qb == kb)
-    m_obc = qn & ~kn & (kb < qb)
-    m_bc = ~qn & ~kn & (kb <= qb)
-    return m_bd | m_obc | m_bc
 
 
 class CoreAttention(MegatronModule):
@@ -270,9 +246,9 @@ class CoreAttention(MegatronModule):
     ) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("packed sequences / attention bias are not supported")
-        if isinstance(attention_mask, DocumentMask):
-            attention_mask = self.backend.documents(attention_mask)  # not prepared upstream
-        elif attention_mask is not None and not self.backend.supports_mask:
+        if isinstance(attention_mask, AttentionMask | DocumentMask):  # not prepared upstream
+            attention_mask = self.backend.prepare(AttentionMask.of(attention_mask))
+        elif isinstance(attention_mask, torch.Tensor) and not self.backend.supports_mask:
             raise ConfigError(
                 f"model.attention_backend '{self.backend.name}' cannot take an attention mask; "
                 "use 'sdpa' or 'masked' for objectives that need one"

@@ -5,34 +5,35 @@
 
 Written for one device: tensor parallelism lives inside the Megatron-core layers (column/row-
 parallel linears, vocab-parallel embedding and cross-entropy) and is switched on by the process
-groups, not by this code. The model is three kinds of stage (embedding, layers, head) so that a
-pipeline engine can cut it into a layer list without another implementation.
+groups, not by this code; the model is given its tensor-parallel rank and group, it looks up no
+global state. The model is three kinds of stage (embedding, layers, head) so that a pipeline
+engine can cut it into a layer list without another implementation (`pretrain.parallel.pipeline`).
+
+The model does not know what trains it: `forward(..., loss_fn=f)` returns `f(hidden, head)`, the
+caller's loss on the last hidden states [s, b, h] with the head's operations at hand (`token_ce`
+at chosen positions, `full_logits`, `energy`). That is how an objective's loss runs inside
+DeepSpeed's forward, and what the last pipeline stage calls.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import build_module
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
+from pretrain.config.schema import padded_vocab_size
 from pretrain.model.attention import get_attention_backend
-from pretrain.model.documents import DocumentMask
 from pretrain.model.layers import RMSNorm, RotaryEmbedding, transformer_layer_spec
-from pretrain.model.sharding import initialize, mark_tensor_parallel
+from pretrain.model.masks import AttentionMask, DocumentMask
 
 CE_CHUNK_BYTES = 1 << 30
 """Largest fp32 logits chunk the sparse output head materialises at once."""
 
-
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """Round up to `multiple`; independent of TP size so every layout has identical weights."""
-    return int(math.ceil(vocab_size / multiple) * multiple)
+__all__ = ["DLMTransformer", "OutputHead", "TokenEmbedding", "padded_vocab_size", "run_layer"]
 
 
 def megatron_config(
@@ -127,6 +128,9 @@ class OutputHead(torch.nn.Module):
         vocab_size: int,
         padded_vocab: int,
         excluded_token_ids: tuple[int, ...],
+        *,
+        tp_rank: int = 0,
+        tp_group=None,
     ):
         super().__init__()
         self.final_norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
@@ -139,9 +143,13 @@ class OutputHead(torch.nn.Module):
             gather_output=False,
         )
         # This rank's slice of the vocab: [start, start + padded_vocab / tp)
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        start = parallel_state.get_tensor_model_parallel_rank() * (padded_vocab // tp_size)
-        self.tp_size = tp_size
+        tp_size = config.tensor_model_parallel_size
+        if tp_size > 1 and tp_group is None:
+            raise ValueError("OutputHead: under tensor parallelism pass tp_rank and tp_group")
+        start = tp_rank * (padded_vocab // tp_size)
+        self.tp_size, self.tp_rank, self.tp_group = tp_size, tp_rank, tp_group
+        self.vocab_size = vocab_size
+        self.sequence_parallel = config.sequence_parallel
         self.dense_ce = dense_cross_entropy
         ids = torch.arange(start, start + padded_vocab // tp_size)
         excluded = ids >= vocab_size
@@ -150,9 +158,40 @@ class OutputHead(torch.nn.Module):
         self.register_buffer("excluded", excluded, persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [s, b, h] -> logits [s, b, V_pad / tp] with excluded ids at -inf."""
+        return self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [s, b, h] -> logits [s, b, V_pad / tp] with excluded ids at -inf (the head's
+        own computation; a pipeline stage's `forward` is something else)."""
         logits, _ = self.output_layer(self.final_norm(hidden))
         return logits.masked_fill(self.excluded, float("-inf"))
+
+    def token_ce(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        count: int | None = None,
+    ) -> torch.Tensor:
+        """hidden [s (/ tp under sequence parallelism), b, h], targets [b, s] -> per-token
+        -log p(target) [b, s] fp32. With `positions` (bool [b, s]) the output layer runs only
+        there (0 elsewhere; `sparse_cross_entropy`), except under sequence parallelism, where the
+        output layer gathers the sequence itself and runs on every position."""
+        if positions is not None and not self.sequence_parallel:
+            return self.sparse_cross_entropy(hidden, targets, positions, count)
+        return OutputHead.cross_entropy(self.logits(hidden), targets)
+
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [s (/ tp), b, h] -> fp32 logits [b, s, V] over the real vocabulary on every TP
+        rank (gathered; the mask token at -inf). Differentiable."""
+        local = self.logits(hidden).transpose(0, 1)  # [b, s, V_pad / tp]
+        return gather_vocab_parallel(local, self.tp_group)[..., : self.vocab_size].float()
+
+    def energy(self, hidden: torch.Tensor, *, row: int) -> torch.Tensor:
+        """hidden [s (/ tp), b, h] -> scalar sequence energy [b] fp32 (`pretrain.model.energy`)."""
+        from pretrain.model.energy import energy_from_hidden
+
+        return energy_from_hidden(self, hidden, row=row)
 
     @staticmethod
     def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -223,10 +262,9 @@ class _GatherVocab(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, local):
-        group = parallel_state.get_tensor_model_parallel_group()
-        tp = torch.distributed.get_world_size(group)
-        ctx.rank, ctx.width = torch.distributed.get_rank(group), local.shape[-1]
+    def forward(ctx, local, group):
+        tp = torch.distributed.get_world_size(group) if group is not None else 1
+        ctx.rank, ctx.width = (torch.distributed.get_rank(group) if tp > 1 else 0), local.shape[-1]
         if tp == 1:
             return local
         pieces = [torch.empty_like(local) for _ in range(tp)]
@@ -235,13 +273,13 @@ class _GatherVocab(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.narrow(-1, ctx.rank * ctx.width, ctx.width)
+        return grad.narrow(-1, ctx.rank * ctx.width, ctx.width), None
 
 
-def gather_vocab_parallel(local: torch.Tensor) -> torch.Tensor:
-    """Logits [..., V/tp] sliced by vocabulary over the TP ranks -> [..., V] on every rank
-    (differentiable; the identity without tensor parallelism)."""
-    return _GatherVocab.apply(local)
+def gather_vocab_parallel(local: torch.Tensor, group=None) -> torch.Tensor:
+    """Logits [..., V/tp] sliced by vocabulary over the TP ranks of `group` -> [..., V] on every
+    rank (differentiable; the identity without tensor parallelism)."""
+    return _GatherVocab.apply(local, group)
 
 
 class DLMTransformer(torch.nn.Module):
@@ -254,6 +292,8 @@ class DLMTransformer(torch.nn.Module):
         *,
         vocab_size: int,
         excluded_token_ids: tuple[int, ...],
+        tp_rank: int = 0,
+        tp_group=None,
     ):
         super().__init__()
         self.vocab_size = vocab_size
@@ -262,13 +302,20 @@ class DLMTransformer(torch.nn.Module):
         self.config = config
         self.embedding = TokenEmbedding(config, self.padded_vocab)
         self.rotary = RotaryEmbedding(config.kv_channels, model.rope_base)
-        # how the layers' attention backend takes a document mask (prepared once per forward)
-        self.prepare_documents = get_attention_backend(model.attention_backend).documents
+        # how the layers' attention backend takes a mask (prepared once per forward)
+        self.prepare_mask = get_attention_backend(model.attention_backend).prepare
         spec = transformer_layer_spec(model.attention_backend)
         self.layers = torch.nn.ModuleList(
             build_module(spec, config=config, layer_number=i + 1) for i in range(config.num_layers)
         )
-        self.head = OutputHead(config, vocab_size, self.padded_vocab, excluded_token_ids)
+        self.head = OutputHead(
+            config,
+            vocab_size,
+            self.padded_vocab,
+            excluded_token_ids,
+            tp_rank=tp_rank,
+            tp_group=tp_group,
+        )
 
     def forward(
         self,
@@ -279,11 +326,14 @@ class DLMTransformer(torch.nn.Module):
         loss_positions: torch.Tensor | None = None,
         loss_count: int | None = None,
         position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """tokens [b, s] -> per-token CE [b, s] if `targets` is given, else logits [b, s, V/tp].
+        loss_fn=None,
+    ):
+        """tokens [b, s] -> `loss_fn(hidden, head)` if given, else per-token CE [b, s] if
+        `targets` is given, else logits [b, s, V/tp].
 
-        `attention_mask`: None (bidirectional), bool broadcastable to [b, heads, s, s] (True
-        where attention is allowed), or a `DocumentMask` (attention within documents).
+        `attention_mask`: None (bidirectional), an `AttentionMask` (an objective's pattern and/or
+        documents), a bool pattern broadcastable to [b, heads, s, s] (True where attention is
+        allowed), or a `DocumentMask` (attention within documents).
         `loss_positions` (bool [b, s], with `targets`): compute the CE only there (0 elsewhere),
         skipping the output layer at every other position;
         `loss_count` (their number, if known on the host) spares a device sync.
@@ -293,6 +343,8 @@ class DLMTransformer(torch.nn.Module):
         hidden = self.hidden_states(  # [s, b, h]
             tokens, attention_mask=attention_mask, position_ids=position_ids
         )
+        if loss_fn is not None:
+            return loss_fn(hidden, self.head)
         if targets is not None and loss_positions is not None:
             return self.head.sparse_cross_entropy(hidden, targets, loss_positions, loss_count)
         logits = self.head(hidden)  # [s, b, V/tp]
@@ -308,13 +360,9 @@ class DLMTransformer(torch.nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [b, s] -> the last layer's hidden states [s, b, h] (before the final norm)."""
-        if isinstance(attention_mask, DocumentMask):
-            attention_mask = self.prepare_documents(attention_mask)
         hidden = self.embedding(tokens)  # [s, b, h]
-        rope = self.rotary(tokens.shape[1])  # [s, 1, 1, d]
-        if position_ids is not None:  # a gather, not max(): no device sync for the table size
-            rope = rope[position_ids]
-        return self.trunk(hidden, attention_mask, rope)
+        rope = rope_table(self.rotary, tokens.shape[1], position_ids)
+        return self.trunk(hidden, prepare_mask(self.prepare_mask, attention_mask), rope)
 
     def trunk(self, hidden, attention_mask, rope) -> torch.Tensor:
         """All transformer layers on hidden [s, b, h] (one function: `model.compile_scope`
@@ -340,35 +388,16 @@ def run_layer(layer, hidden, attention_mask, rope, recompute: bool) -> torch.Ten
     return layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rope)[0]
 
 
-def build_model(
-    model: ModelConfig,
-    *,
-    vocab_size: int,
-    mask_token_id: int,
-    params_dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-) -> DLMTransformer:
-    """Build the (non-pipelined) model for the current process groups, initialised from `seed`.
-
-    The weights are the TP shards of the canonical init: identical for every TP layout.
-    """
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    config = megatron_config(
-        model, params_dtype=params_dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp
-    )
-    net = DLMTransformer(model, config, vocab_size=vocab_size, excluded_token_ids=(mask_token_id,))
-    mark_tensor_parallel(net.named_parameters())
-    initialize(
-        net.named_parameters(),
-        seed=seed,
-        std=model.init_std,
-        num_layers=model.num_layers,
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        tp_size=tp,
-    )
-    return net
+def rope_table(rotary: RotaryEmbedding, seq_len: int, position_ids) -> torch.Tensor:
+    """RoPE angles [s, 1, 1, d] for positions 0..s-1, or for `position_ids` [s] (a gather, not
+    a max(): no device sync for the table size)."""
+    rope = rotary(seq_len)
+    return rope if position_ids is None else rope[position_ids]
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def prepare_mask(prepare, attention_mask):
+    """An attention mask in the form the layers' backend takes (`AttentionBackend.prepare`),
+    made once per forward; a plain bool tensor passes through."""
+    if isinstance(attention_mask, AttentionMask | DocumentMask):
+        return prepare(AttentionMask.of(attention_mask))
+    return attention_mask

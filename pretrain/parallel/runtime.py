@@ -131,13 +131,3 @@ def init_runtime(cfg: Config) -> Runtime:
         topology=topology,
         dp_rank=dp_rank,
     )
-
-
-def shutdown_runtime() -> None:
-    """Tear down the groups so that a later run in the same process (tests) starts clean."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -1,1 +1,1 @@
-"""Diagnostics of what a diffusion LM predicts far from visible context (DESIGN.md sec. 7)."""
+"""Diagnostics of what a diffusion LM predicts far from visible context (docs/design.md §7)."""

@@ -9,21 +9,30 @@ from pathlib import Path
 import torch
 
 from pretrain.errors import DataError
-from pretrain.model.transformer import gather_vocab_parallel
 from pretrain.probe.buckets import distance_bucketed_ce
 from pretrain.probe.probe import frequent_token_ids, run_probe, write_probe
 
 
-def read_prompts(path: str | Path, tokenizer, *, field: str = "text") -> list[torch.Tensor]:
-    """A jsonl file with one prompt per line under `field` -> token ids (1-D long tensors)."""
+def read_prompts(
+    path: str | Path, tokenizer, *, field: str = "text", field_option: str = "--field"
+) -> list[torch.Tensor]:
+    """A jsonl file with one prompt per line under `field` -> token ids (1-D long tensors).
+    `field_option` names the setting that chose the field, for the error message."""
     prompts = []
     for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            text = json.loads(line)[field]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}:{n}: expected a JSON object with a string '{field}'") from None
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{n}: expected a JSON object per line") from None
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            raise DataError(
+                f"{path}:{n}: expected a JSON object with a string '{field}' (the prompt field, "
+                f"set by {field_option}); found: {keys}"
+            )
         ids = tokenizer.encode(text).ids
         if not ids:
             raise DataError(f"{path}:{n}: prompt '{text[:40]}' encodes to no tokens")
@@ -40,45 +49,61 @@ def val_prompts(val: list[torch.Tensor], count: int, length: int) -> list[torch.
 
 
 class ModelProbe:
-    """Probe + bucketed CE of one model on fixed prompts, frequent tokens and validation data."""
+    """Probe + bucketed CE of one model on fixed prompts, frequent tokens and validation data.
+
+    `logits(x [b, s]) -> [b, s, V]` and `ce(x_t, x0) -> [b, s]` run the model: a module's own
+    forward (`for_module`), or the training engine's no-grad forward in any layout.
+    """
 
     def __init__(
         self,
-        module,
         *,
+        logits,
+        ce,
         mask_id,
         eos_id,
         prompts,
         frequent_ids,
         val,
         num_masks,
-        gather_logits: bool = False,
+        decode=None,
+        title: str = "",
     ):
-        self.module = module
+        self._logits, self._ce = logits, ce
         self.mask_id, self.eos_id = mask_id, eos_id
         self.prompts, self.frequent_ids, self.val = prompts, frequent_ids, val
         self.num_masks = num_masks
-        self.gather_logits = gather_logits
-        """Tensor-parallel module: join the ranks' vocabulary slices of the logits."""
+        self.decode = decode
+        """token id -> text, for the tokens in the JSON (None: ids only)."""
+        self.title = title
+        """The plot's title (default: the probe's name and size)."""
+        self.last: tuple | None = None
+        """(ProbeResult, bucketed CE) of the last run, for overlays of several models."""
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        device = next(self.module.parameters()).device
-        logits = self.module(x.to(device))  # [b, s, V/tp]
-        if self.gather_logits:
-            logits = gather_vocab_parallel(logits)  # [b, s, V]
-        return logits
+    @classmethod
+    def for_module(cls, module, **kwargs) -> ModelProbe:
+        """The probe of a single-device model (`dlm probe`), run in eval mode."""
+        device = next(module.parameters()).device
 
-    def _ce(self, x_t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        device = next(self.module.parameters()).device
-        return self.module(x_t.to(device), targets=x0.to(device))
+        def logits(x):
+            return module(x.to(device))
+
+        def ce(x_t, x0):
+            return module(x_t.to(device), targets=x0.to(device))
+
+        probe = cls(logits=logits, ce=ce, **kwargs)
+        probe.module = module
+        return probe
 
     @torch.no_grad()
     def run(
         self, out_dir: Path, *, name: str = "probe", write: bool = True
     ) -> tuple[dict, Path | None, Path | None]:
         """The probe's metrics, and with `write` its JSON and PNG files (else None, None)."""
-        was_training = self.module.training
-        self.module.eval()
+        module = getattr(self, "module", None)
+        was_training = module is not None and module.training
+        if module is not None:
+            module.eval()
         try:
             result = run_probe(
                 self._logits,
@@ -87,21 +112,21 @@ class ModelProbe:
                 eos_id=self.eos_id,
                 frequent_ids=self.frequent_ids,
                 num_masks=self.num_masks,
+                decode=self.decode,
             )
             buckets = (
                 distance_bucketed_ce(self._ce, self.val, mask_id=self.mask_id) if self.val else {}
             )
         finally:
-            self.module.train(was_training)
+            if module is not None:
+                module.train(was_training)
+        self.last = (result, buckets)
         metrics = dict(result.summary())
         for label, row in buckets.items():
             metrics[f"val/ce_dist_{label}"] = row["ce"]
         if not write:
             return metrics, None, None
-        json_path, png = write_probe(result, out_dir, name=name)
-        data = json.loads(json_path.read_text())
-        data["distance_bucketed_ce"] = buckets
-        json_path.write_text(json.dumps(data))
+        json_path, png = write_probe(result, out_dir, name=name, title=self.title, buckets=buckets)
         return metrics, json_path, png
 
 
@@ -112,39 +137,56 @@ class TrainingProbe:
         self.probe, self.interval, self.out_dir, self.is_main = probe, interval, out_dir, is_main
 
     @classmethod
-    def build(cls, cfg, data, engine, rt, say=print) -> TrainingProbe:
+    def build(cls, run, say=print) -> TrainingProbe:
+        """The probe of a training run: every rank takes part (its forwards are the engine's,
+        collective under pipeline parallelism), on the same prompts and global validation data
+        whatever the layout; rank 0 writes."""
+        from pretrain.diffusion.auxiliary.base import read_ce, read_logits
+        from pretrain.model.inputs import ModelInputs
+
+        cfg, data, engine, rt = run.cfg, run.data, run.engine, run.rt
         interval = cfg.eval.probe_interval
         if not interval:
             return cls(None, 0, Path(), rt.is_main)
-        if rt.pp > 1 or cfg.parallel.zero_stage == 3:
-            # the probe runs whole-model forwards: not on pipeline stages or ZeRO-3 partitions
-            say("[dlm] eval.probe_interval: probe skipped for pp > 1 or ZeRO-3 layouts")
-            return cls(None, 0, Path(), rt.is_main)
-        if rt.dp_rank != 0:  # the first replica probes (its TP ranks together), the others wait
-            return cls(None, 0, Path(), rt.is_main)
         val = data.global_val()  # the same prompts and data for every layout
         tok = data.manifest.tokenizer
-        if cfg.eval.probe_prompts:
-            from data_pipeline.tokenizer import load_tokenizer
+        from data_pipeline.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(Path(cfg.data.path) / tok.file)
-            prompts = read_prompts(cfg.eval.probe_prompts, tokenizer)
+        tokenizer = load_tokenizer(data.data_dir / tok.file)
+        if cfg.eval.probe_prompts:
+            prompts = read_prompts(
+                cfg.eval.probe_prompts,
+                tokenizer,
+                field=cfg.eval.probe_field,
+                field_option="eval.probe_field",
+            )
         else:
             prompts = val_prompts(val, cfg.eval.probe_prompt_count, cfg.eval.probe_prompt_tokens)
         if not prompts:
             raise DataError(f"{cfg.data.path}: eval.probe_interval needs a 'val' split for prompts")
         frequent = frequent_token_ids(val or prompts, cfg.eval.frequent_tokens, (tok.mask_id,))
+
+        def logits(x):
+            x = x.to(rt.device)
+            return engine.infer(ModelInputs(x), read_logits, (*x.shape, data.vocab_size))
+
+        def ce(x_t, x0):
+            x_t = x_t.to(rt.device)
+            return engine.infer(ModelInputs(x_t), read_ce(x0.to(rt.device)), tuple(x_t.shape))
+
         probe = ModelProbe(
-            engine.ds.module,
+            logits=logits,
+            ce=ce,
             mask_id=tok.mask_id,
             eos_id=tok.eos_id,
             prompts=prompts,
             frequent_ids=frequent,
             val=val,
             num_masks=cfg.eval.probe_masks,
-            gather_logits=rt.tp > 1,
+            decode=lambda i: tokenizer.decode([i]),
+            title=f"{cfg.run.name}: probe",
         )
-        return cls(probe, interval, Path(cfg.run.output_dir) / cfg.run.name / "probe", rt.is_main)
+        return cls(probe, interval, run.run_dir / "probe", rt.is_main)
 
     def due(self, step: int) -> bool:
         return self.probe is not None and step % self.interval == 0

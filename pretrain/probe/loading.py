@@ -25,24 +25,28 @@ class LoadedModel:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run's `checkpoints/` / run directory (-> its latest)."""
+    from pretrain.checkpoint.manager import read_latest
+
     path = Path(path)
     for candidate in (path, path / "checkpoints"):
-        latest = candidate / "latest"
-        if latest.exists():
-            target = latest.read_text().strip() if latest.is_file() else latest.resolve().name
-            return candidate / target
+        if (name := read_latest(candidate)) is not None:
+            return candidate / name
     if (path / "config.yaml").is_file():
         return path
     raise CheckpointError(f"{path}: not a checkpoint (no config.yaml) nor a run with 'latest'")
 
 
-def load_model(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedModel:
-    from data_pipeline.manifest import Manifest
-    from data_pipeline.tokenizer import load_tokenizer
+def load_model(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, verify: bool = True
+) -> LoadedModel:
+    """The model of a checkpoint (or a run's latest), verified (content hashes unless `verify`
+    is False), with its dataset's manifest and tokenizer (checked against the manifest)."""
+    from data_pipeline.manifest import MANIFEST_FILE, Manifest
+    from data_pipeline.tokenizer import check_dataset_tokenizer, load_tokenizer
     from pretrain.checkpoint.format import load_weights
     from pretrain.checkpoint.manager import open_checkpoint
     from pretrain.config import load_config
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
     from pretrain.parallel.runtime import init_runtime
 
     ckpt = resolve_checkpoint(path)
@@ -59,11 +63,12 @@ def load_model(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         mask_token_id=tok.mask_id,
     )
     load_weights(
-        open_checkpoint(ckpt, num_layers=cfg.model.num_layers),
+        open_checkpoint(ckpt, num_layers=cfg.model.num_layers, verify=verify),
         model.named_parameters(),
         tp_rank=0,
         tp_size=1,
     )
     model.to(rt.device).eval()
-    tokenizer = load_tokenizer(Path(cfg.data.path) / tok.file)
+    data_dir = Path(cfg.data.path)
+    tokenizer = load_tokenizer(check_dataset_tokenizer(data_dir, tok, data_dir / MANIFEST_FILE))
     return LoadedModel(model, cfg, manifest, tokenizer)

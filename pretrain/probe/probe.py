@@ -31,7 +31,8 @@ class ProbeResult:
     top1_prob: list[float]
     """[K]: mean top-1 probability."""
     prompts: list[dict] = field(default_factory=list)
-    """Per prompt: its ids and per-position top-3 ids/probs, entropy, p(eos), frequent flag."""
+    """Per prompt: its ids (and tokens, with a tokenizer) and per-position top-3 ids (tokens) and
+    probabilities, entropy, p(eos), frequent flag."""
 
     def summary(self, near: int = 8) -> dict[str, float]:
         """Scalar summaries: means over the first `near` and the last `near` positions."""
@@ -40,6 +41,21 @@ class ProbeResult:
             values = getattr(self, name)
             out[f"probe/{name}_near"] = sum(values[:near]) / len(values[:near])
             out[f"probe/{name}_far"] = sum(values[-near:]) / len(values[-near:])
+        return out
+
+    def bucket_summary(self) -> dict[str, dict[str, float]]:
+        """Profile means per distance bucket from the prompt end (1, 2, 3-4, 5-8, ...: the
+        bucketed CE's buckets; the first mask is at distance 1)."""
+        from pretrain.probe.buckets import bucket_edges
+
+        out = {}
+        for lo, hi in bucket_edges(self.num_masks):
+            label = str(lo) if lo == hi else f"{lo}-{hi}"
+            row = {"count": hi - lo + 1}
+            for name in ("entropy", "p_eos", "frequent_share", "top1_prob"):
+                values = getattr(self, name)[lo - 1 : hi]
+                row[name] = sum(values) / len(values)
+            out[label] = row
         return out
 
 
@@ -53,8 +69,10 @@ def run_probe(
     frequent_ids: torch.Tensor,
     num_masks: int = 128,
     top_k: int = 3,
+    decode: Callable[[int], str] | None = None,
 ) -> ProbeResult:
-    """prompts: 1-D long tensors (any lengths; each runs as its own sequence, no padding)."""
+    """prompts: 1-D long tensors (any lengths; each runs as its own sequence, no padding).
+    `decode` (token id -> text) adds the prompt's and the top predictions' tokens as text."""
     if not prompts:
         raise ValueError("the probe needs at least one prompt")
     records = []
@@ -69,16 +87,18 @@ def run_probe(
         entropy = -(p * torch.where(p > 0, logp, 0.0)).sum(-1)  # [K]
         top_p, top_i = p.topk(top_k, dim=-1)  # [K, k]
         frequent = torch.isin(top_i[:, 0], frequent_ids.to(top_i.device))
-        records.append(
-            {
-                "prompt_ids": prompt.tolist(),
-                "top_ids": top_i.tolist(),
-                "top_probs": top_p.tolist(),
-                "entropy": entropy.tolist(),
-                "p_eos": p[:, eos_id].tolist(),
-                "top1_frequent": frequent.tolist(),
-            }
-        )
+        record = {
+            "prompt_ids": prompt.tolist(),
+            "top_ids": top_i.tolist(),
+            "top_probs": top_p.tolist(),
+            "entropy": entropy.tolist(),
+            "p_eos": p[:, eos_id].tolist(),
+            "top1_frequent": frequent.tolist(),
+        }
+        if decode is not None:
+            record["prompt_tokens"] = [decode(i) for i in record["prompt_ids"]]
+            record["top_tokens"] = [[decode(i) for i in row] for row in record["top_ids"]]
+        records.append(record)
 
     def mean(key):
         rows = torch.tensor([r[key] for r in records], dtype=torch.float64)
@@ -104,29 +124,46 @@ def frequent_token_ids(batches: Sequence[torch.Tensor], count: int, exclude=()) 
     return counts.argsort(descending=True)[:count]
 
 
-def plot_profiles(curves: dict[str, ProbeResult], path: Path, title: str = "") -> Path:
-    """One PNG: entropy, p(<eos>) and high-frequency share against distance, one line per curve."""
+def plot_profiles(
+    curves: dict[str, ProbeResult],
+    path: Path,
+    title: str = "",
+    ce: dict[str, dict[str, dict]] | None = None,
+) -> Path:
+    """One PNG: entropy, p(<eos>) and high-frequency share against distance, one line per curve,
+    and with `ce` ({curve: distance-bucketed CE}) a fourth panel of the bucketed validation CE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = (
+    panels = [
         ("entropy", "entropy (nats)"),
         ("p_eos", "p(<eos>)"),
         ("frequent_share", "top-1 is a frequent token"),
-    )
-    for ax, (key, label) in zip(axes, panels, strict=True):
+    ]
+    ce = {k: v for k, v in (ce or {}).items() if v}
+    fig, axes = plt.subplots(1, 3 + bool(ce), figsize=(4.4 * (3 + bool(ce)), 3.8))
+    for ax, (key, label) in zip(axes, panels, strict=False):
         for name, result in curves.items():
             values = getattr(result, key)
-            ax.plot(range(len(values)), values, label=name)
-        ax.set_xlabel("distance from the prompt end (masked position)")
+            ax.plot(range(1, len(values) + 1), values, label=name)
+        ax.set_xlabel("distance from the prompt end")
         ax.set_ylabel(label)
+        ax.set_title(f"probe: {label}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    if title:
-        fig.suptitle(title)
+    if ce:
+        ax = axes[3]
+        for name, buckets in ce.items():
+            labels = list(buckets)
+            ax.plot(labels, [buckets[k]["ce"] for k in labels], "o-", label=name)
+        ax.set_xlabel("distance to the nearest visible token")
+        ax.set_ylabel("validation CE (nats)")
+        ax.set_title("bucketed CE (linear-schedule masks)", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=45)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title or "information-decay probe")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -134,21 +171,36 @@ def plot_profiles(curves: dict[str, ProbeResult], path: Path, title: str = "") -
     return path
 
 
-def write_probe(result: ProbeResult, out_dir: Path, *, name: str = "probe") -> tuple[Path, Path]:
-    """`<name>.json` (profiles, summary, per-prompt records) and `<name>.png`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = {
+def probe_record(result: ProbeResult, buckets: dict | None = None) -> dict:
+    """The JSON of one probe: profiles, summaries (near/far and per bucket), bucketed CE, and
+    the per-prompt records."""
+    return {
         "num_masks": result.num_masks,
         "summary": result.summary(),
+        "bucket_summary": result.bucket_summary(),
         "profiles": {
             "entropy": result.entropy,
             "p_eos": result.p_eos,
             "frequent_share": result.frequent_share,
             "top1_prob": result.top1_prob,
         },
+        "distance_bucketed_ce": buckets or {},
         "prompts": result.prompts,
     }
+
+
+def write_probe(
+    result: ProbeResult,
+    out_dir: Path,
+    *,
+    name: str = "probe",
+    title: str = "",
+    buckets: dict | None = None,
+) -> tuple[Path, Path]:
+    """`<name>.json` (`probe_record`) and `<name>.png` (titled; with the bucketed CE)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps(data))
-    png = plot_profiles({name: result}, out_dir / f"{name}.png")
+    json_path.write_text(json.dumps(probe_record(result, buckets)))
+    title = title or f"{name}: {len(result.prompts)} prompts + {result.num_masks} masks"
+    png = plot_profiles({name: result}, out_dir / f"{name}.png", title, {name: buckets or {}})
     return json_path, png

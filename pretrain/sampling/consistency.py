@@ -1,24 +1,44 @@
-"""Joint-consistency decoders built on the base sampler (`pretrain.sampling.sampler.generate`).
+"""Joint-consistency decoders built on the base sampler (`pretrain.sampling.sampler`).
 
-    remask_generate    after every parallel commit, score each generated token by the model's
-                       own probability of it given the whole draft, p_theta(x_i | x); re-mask the
-                       tokens below `threshold` and decode them again in later steps. For models
-                       trained with `self_correction` or `multistep_consistency`, which learn to
-                       give a token that disagrees with its neighbours a low probability.
+    remask_decode      ReMDM-style: decode every mask in parallel, then for `loop_steps` steps
+                       score every committed token against the current sequence and re-mask the
+                       lowest-scoring ones within a per-step budget (`BUDGETS`); each step's
+                       forward also re-decodes the tokens re-masked at the step before. For
+                       models trained with `self_correction` (or `multistep_consistency`), which
+                       learn to give a token that disagrees with the rest a low probability.
     energy_resample    draw k candidates per sequence with the base sampler (temperature 1) and
                        importance-resample one with weights exp(-E(x)) from the `energy_nce` head.
 
-Both count the model calls they make (`CallCounter`), since that is their price: remasking adds
-one scoring call per step and the re-decoding steps; resampling multiplies the batch by k.
+Both count the model calls they make (`CallCounter`), since that is their price: re-masking adds
+`loop_steps + 1` forwards (the `masked` score one more batch per step); resampling multiplies
+the batch by k.
+
+The score (registry `SCORES`) of a committed token x_i:
+
+    visible   p_theta(x_i | x): the model's output at position i on the sequence as it is, x_i
+              visible. It comes from the forward the step runs anyway (no extra call). A plain
+              masked-diffusion model is never trained at visible positions, so there it carries
+              no signal; `self_correction` trains exactly this output (predict x0_i from a draft
+              holding the model's own parallel samples), so that it ranks a committed token that
+              disagrees with its context low. This is the default.
+    masked    p_theta(x_i | x with x_i masked): the leave-one-out conditional, what any masked
+              model is trained to predict, at the price of one forward per scored token (a batch
+              of b x committed rows per step). A reference for what a plain model knows.
+
+Why a budget and not a threshold: a probability threshold has to be calibrated per model and
+text (honest per-token probabilities on open text sit below any threshold that separates the
+pair task's certain tokens), while ranking only needs the score to order tokens; the budget
+fixes the price in re-decoded tokens per step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
-from pretrain.sampling.sampler import generate
+from pretrain.sampling.sampler import draw, generate, infill, top_k_mask
 
 
 class CallCounter:
@@ -35,71 +55,107 @@ class CallCounter:
         return self.model_fn(x)
 
 
-def token_scores(model_fn, x: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """p_theta(x_i | x) [b, s] for every position, from one model call on the draft x [b, s]."""
-    logits = model_fn(x).float()
+def _probabilities(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    logits = logits.float().clone()
     logits[..., mask_id] = float("-inf")
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def visible_scores(model_fn, x, logits, *, mask_id, candidates):
+    """p_theta(x_i | x) [b, s] from this step's logits (x_i visible)."""
+    probs = _probabilities(logits, mask_id)
     return probs.gather(-1, x.clamp(max=probs.shape[-1] - 1)[..., None]).squeeze(-1)
 
 
-def consistency_remask(
-    model_fn, *, mask_id: int, prompt_len: int, threshold: float, stats: dict | None = None
-):
-    """A `remask_fn` for `generate`: re-mask generated tokens the model scores below `threshold`.
+def masked_scores(model_fn, x, logits, *, mask_id, candidates):
+    """p_theta(x_i | x with x_i masked) [b, s] for the `candidates` [b, s] (others: 0), one
+    forward over a copy of each row per candidate position."""
+    rows, cols = candidates.nonzero(as_tuple=True)
+    scores = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if rows.numel() == 0:
+        return scores
+    copies = x[rows].clone()  # [n, s]
+    copies[torch.arange(rows.numel(), device=x.device), cols] = mask_id
+    probs = _probabilities(model_fn(copies), mask_id)  # [n, s, V]
+    n = torch.arange(rows.numel(), device=x.device)
+    scores[rows, cols] = probs[n, cols, x[rows, cols]]
+    return scores
 
-    Each row keeps the best-scoring token it committed in this step even if it is below the
-    threshold, so every step makes progress: of a disagreeing pair committed together, one is
-    kept and the other is decoded again given it. `stats["remasked"]` accumulates the number of
-    re-masked tokens per row ([b]): the decoder's extra work, which a batch-level call count hides.
-    """
 
-    def remask(step, x, committed, logits):
-        scores = token_scores(model_fn, x, mask_id)  # [b, s]
-        generated = (x != mask_id) & (torch.arange(x.shape[1], device=x.device) >= prompt_len)
-        suspicious = generated & (scores < threshold)
-        best = scores.masked_fill(~committed, -1.0).argmax(dim=1, keepdim=True)  # [b, 1]
-        keep = torch.zeros_like(committed).scatter_(1, best, True) & committed
-        again = suspicious & ~keep
-        if stats is not None:
-            stats["remasked"] = stats.get("remasked", 0) + again.sum(dim=1).cpu()
-        return again
-
-    return remask
+# (model_fn, x [b, s], this step's logits [b, s, V], mask_id, candidates [b, s]) -> [b, s]
+SCORES: dict[str, Callable[..., torch.Tensor]] = {
+    "visible": visible_scores,
+    "masked": masked_scores,
+}
+# (loop step n = 1..N, N, tokens to decode M, per_step r) -> tokens re-masked at step n
+BUDGETS: dict[str, Callable[[int, int, int, int], int]] = {
+    "constant": lambda n, total, m, r: r,
+    # ReMDM-style annealing: more re-masking early, none at the end
+    "linear_decay": lambda n, total, m, r: math.ceil(r * (total - n + 1) / total),
+}
 
 
 @torch.no_grad()
-def remask_generate(
+def remask_decode(
     model_fn,
-    prompt_ids: torch.Tensor,
+    x: torch.Tensor,
     *,
-    gen_length: int,
-    tokens_per_step: int,
     mask_id: int,
-    threshold: float = 0.6,
+    tokens_per_step: int,
+    loop_steps: int,
+    remask_per_step: int = 1,
+    budget: str = "constant",
+    score: str = "visible",
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
-    max_steps: int | None = None,
     stats: dict | None = None,
 ) -> torch.Tensor:
-    """Parallel decoding with self-correcting re-masking -> tokens [b, p + gen_length]."""
-    return generate(
-        model_fn,
-        prompt_ids,
-        gen_length=gen_length,
+    """Parallel decoding of every mask of `x` [b, s] with budgeted re-masking -> tokens [b, s].
+
+    1. Decode: `infill` commits `tokens_per_step` masks per call (temperature sampling).
+    2. Loop, `loop_steps` steps of one forward each on the current sequence: the tokens masked
+       at the step before are committed from it (drawn given everything else), and of the other
+       committed tokens (never the context) the `budget` lowest-scoring ones are re-masked.
+    3. One last forward commits what the last loop step re-masked.
+    `stats` gets `remasked` [b] (tokens re-masked per row) and `calls` (model calls).
+    """
+    if score not in SCORES or budget not in BUDGETS:
+        raise ValueError(
+            f"score '{score}' / budget '{budget}': expected one of {', '.join(SCORES)} / "
+            f"{', '.join(BUDGETS)}"
+        )
+    editable = x == mask_id  # [b, s]: never the context
+    m = int(editable.sum(dim=1).max())
+    counter = CallCounter(model_fn)
+    x = infill(
+        counter,
+        x,
         tokens_per_step=tokens_per_step,
         mask_id=mask_id,
         temperature=temperature,
-        remask_fn=consistency_remask(
-            model_fn,
-            mask_id=mask_id,
-            prompt_len=prompt_ids.shape[1],
-            threshold=threshold,
-            stats=stats,
-        ),
         generator=generator,
-        max_steps=max_steps,
     )
+    remasked = torch.zeros(x.shape[0], dtype=torch.long)
+    for n in range(1, loop_steps + 2):
+        masked = x == mask_id
+        r = BUDGETS[budget](n, loop_steps, m, remask_per_step) if n <= loop_steps else 0
+        if r == 0 and not bool(masked.any()):
+            continue  # nothing to commit or re-mask: no call
+        logits = counter(x).float()  # [b, s, V]
+        _, drawn = draw(logits.clone(), mask_id, temperature, generator)
+        candidates = editable & ~masked  # committed before this step
+        again = torch.zeros_like(masked)
+        if r > 0:
+            scores = SCORES[score](counter, x, logits, mask_id=mask_id, candidates=candidates)
+            k = candidates.sum(dim=1).clamp(max=r)  # [b]
+            again = top_k_mask(-scores, candidates, k)  # the k lowest-scoring candidates
+        x = torch.where(masked, drawn.to(x.dtype), x)
+        x = torch.where(again, torch.full_like(x, mask_id), x)
+        remasked += again.sum(dim=1).cpu()
+    if stats is not None:
+        stats["remasked"] = stats.get("remasked", 0) + remasked
+        stats["calls"] = stats.get("calls", 0) + counter.calls
+    return x
 
 
 @torch.no_grad()

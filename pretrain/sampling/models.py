@@ -1,12 +1,9 @@
-"""`model_fn` adapters: what a model trained with each objective needs at generation time.
+"""`model_fn` adapters: a trained model as the samplers call it, `x [b, s] -> logits [b, s, V]`.
 
-    masked    bidirectional logits as they are
-    ar_adapt  with `diffusion.shift`, hidden state i predicts token i+1: logits move one right
-    block     block-causal attention (`block_causal_mask`) over blocks of `diffusion.block_length`
-              counted from position 0, so the prompt must end on a block boundary
-    ar        causal attention and the shift; decode left to right, one token per step
-plus `decode_defaults`, the sampler options matching the objective and schedule it was trained
-with (the `schedule` order reuses the training alpha_i(t)).
+What a model trained with each objective needs at generation time (the attention pattern it
+decodes under, a one-token shift of its logits, the sampler options that match its training)
+is the objective's to say (`generation_mask`, `align_logits`, `decode_defaults` in
+`pretrain.diffusion.objective` and its subclasses); these functions only look the objective up.
 """
 
 from __future__ import annotations
@@ -15,41 +12,28 @@ from collections.abc import Callable
 
 import torch
 
-from pretrain.model.attention import block_causal_mask, causal_mask
+
+def _objective(diffusion_cfg, seq_len: int = 128):
+    from pretrain.diffusion.objective import build_objective
+
+    # the mask id plays no part in generation adapters
+    return build_objective(diffusion_cfg, mask_id=0, seq_len=seq_len)
 
 
-def _shift_right(logits: torch.Tensor) -> torch.Tensor:
-    """out_i = logits_{i-1} (position 0 keeps its own; it is always part of the prompt)."""
-    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-
-
-def objective_model_fn(module, diffusion_cfg) -> Callable[[torch.Tensor], torch.Tensor]:
-    objective = diffusion_cfg.objective
+def objective_model_fn(
+    module, diffusion_cfg, *, seq_len: int = 128
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model_fn` for a `DLMTransformer` trained with `diffusion_cfg`'s objective."""
+    objective = _objective(diffusion_cfg, seq_len)
     device = next(module.parameters()).device
 
-    def run(x, mask=None):
-        return module(x.to(device), attention_mask=mask).float()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        mask = objective.generation_mask(x.shape[1], device)
+        return objective.align_logits(module(x.to(device), attention_mask=mask).float())
 
-    if objective == "block":
-        block = diffusion_cfg.block_length
-        return lambda x: run(x, block_causal_mask(x.shape[1], block, device)[None, None])
-    if objective == "ar":
-        return lambda x: _shift_right(run(x, causal_mask(x.shape[1], device)[None, None]))
-    if objective == "ar_adapt" and diffusion_cfg.shift:
-        return lambda x: _shift_right(run(x))
     return run
 
 
 def decode_defaults(diffusion_cfg, seq_len: int) -> dict:
     """Sampler keyword arguments that match training: order, schedule, block length."""
-    from pretrain.diffusion.schedules import build_schedule
-
-    objective = diffusion_cfg.objective
-    if objective == "ar":
-        return {"order": "left_to_right", "tokens_per_step": 1}
-    if objective == "block":
-        return {"order": "confidence", "block_length": diffusion_cfg.block_length}
-    schedule = build_schedule(diffusion_cfg.schedule, diffusion_cfg, horizon=seq_len)
-    if schedule.position_aware:
-        return {"order": "schedule", "schedule": schedule}
-    return {"order": "confidence"}
+    return _objective(diffusion_cfg, seq_len).decode_defaults(seq_len)

@@ -3,7 +3,8 @@
 The store is, in order: `tracking.uri` from the config, `$MLFLOW_TRACKING_URI`, or a local SQLite
 store `sqlite:///<output_dir>/mlflow.db` shared by all runs under that output directory (so they
 can be compared), with artifacts next to it in `<output_dir>/mlartifacts/`. A resumed run keeps
-logging into its original MLflow run: the run id travels in the checkpoint.
+logging into its original MLflow run: the run id travels in the checkpoint. Every MLflow call is
+bounded in time, and a failure never has to stop training (`guard.py`, `tracking.on_error`).
 """
 
 from __future__ import annotations
@@ -107,16 +108,34 @@ def create_tracker(
     run_name: str,
     output_dir: str | Path,
     run_id: str | None = None,
+    startup_timeout_s: float = 60.0,
+    timeout_s: float = 15.0,
+    on_error: str = "warn",
+    say=print,
 ) -> Tracker:
+    """The run's tracker: MLflow on the main rank (each call bounded by the time-outs, see
+    `GuardedTracker`), a `NullTracker` elsewhere or when tracking is off."""
     if not (enabled and is_main):
         return NullTracker()
+    import mlflow.tracking  # noqa: F401 - imported here: the import is slow, never a hang
+
+    from pretrain.tracking.guard import GuardedTracker
+
     resolved = resolve_tracking_uri(uri, output_dir)
     local = resolved.startswith(("sqlite:", "file:")) or "://" not in resolved
     artifact_root = Path(output_dir) / "mlartifacts" if local else None
-    return MlflowTracker(
+    return GuardedTracker(
+        lambda: MlflowTracker(
+            uri=resolved,
+            experiment=experiment,
+            run_name=run_name,
+            artifact_root=artifact_root,
+            run_id=run_id,
+        ),
         uri=resolved,
-        experiment=experiment,
-        run_name=run_name,
-        artifact_root=artifact_root,
-        run_id=run_id,
+        local_dir=Path(output_dir) / run_name,
+        startup_timeout_s=startup_timeout_s,
+        timeout_s=timeout_s,
+        on_error=on_error,
+        say=say,
     )

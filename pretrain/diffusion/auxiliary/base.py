@@ -1,10 +1,29 @@
-"""What every joint-consistency auxiliary loss shares: the registry, the weight schedules, the
-model view (full-vocabulary logits, per-token CE, sequence energy, whatever wraps the model),
-layout-independent sampling, and the set of configured losses the engine runs.
+"""What every joint-consistency auxiliary loss shares: the loss interface, the weight schedules,
+the model view (full-vocabulary logits, per-token CE, sequence energy), layout-independent
+sampling, and the set of configured losses the recipe runs.
 
-Why auxiliary losses at all (DESIGN.md sec. 6): the masked-diffusion objective trains each
-position's marginal p(x0_i | x_t) and never how tokens committed in the same decoding step agree.
-Each loss here adds extra forward passes to a training step (reported as a metric) to train that.
+Why auxiliary losses at all (docs/design.md, "Joint consistency"): the masked-diffusion
+objective trains each position's marginal p(x0_i | x_t) and never how tokens committed in the
+same decoding step agree. Each loss here adds extra forward passes to a training step (reported
+as a metric) to train that.
+
+How a loss reaches the model. A loss is one function, `loss(view, batch, key)`, that calls the
+view: without gradient (inside `torch.no_grad()`) to sample from the model, with gradient for
+the terms it trains. Run directly on a model (`ModelView(model, vocab_size)`), each call is a
+forward. Inside a training step the calls cannot be forwards of their own: under pipeline
+parallelism the model is spread over stages and runs only in the engine's schedules. So the
+recipe runs each loss twice on the same seeded randomness:
+
+    record   before the step: no-grad calls run as no-grad forwards through the engine
+             (`Engine.infer`, every layout) and their results are kept; gradient calls are
+             noted (their tokens) and answered with zeros
+    replay   inside the step's forward, on the last stage: no-grad calls return the kept
+             results; gradient calls are answered from the hidden states of extra rows that
+             the step's forward ran: the noted tokens, appended to the micro-batch
+
+so a loss's gradient terms share the objective's forward and backward. The contract this needs:
+a loss's control flow never depends on the values of its gradient calls (true of every loss
+here; `replay` checks the calls arrive in the recorded order and shapes).
 """
 
 from __future__ import annotations
@@ -12,6 +31,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -19,17 +39,8 @@ import torch
 from pretrain.config.schema import AuxiliaryLossConfig
 from pretrain.diffusion.corruption import CorruptionKey
 from pretrain.diffusion.objective import DiffusionBatch
-from pretrain.errors import ConfigError
-from pretrain.model.documents import DocumentMask
-from pretrain.model.transformer import gather_vocab_parallel
-
-AUXILIARIES: dict[str, type[AuxiliaryLoss]] = {}
-
-
-def register_auxiliary(cls: type[AuxiliaryLoss]) -> type[AuxiliaryLoss]:
-    AUXILIARIES[cls.name] = cls
-    return cls
-
+from pretrain.model.inputs import ModelInputs
+from pretrain.model.masks import AttentionMask, DocumentMask
 
 # weight multiplier in [0, 1] at optimizer step `step` (0-based)
 WEIGHT_SCHEDULES: dict[str, Callable[[int, AuxiliaryLossConfig], float]] = {
@@ -39,44 +50,147 @@ WEIGHT_SCHEDULES: dict[str, Callable[[int, AuxiliaryLossConfig], float]] = {
     ),
 }
 
+# What a call reads from the last hidden states [s, n, h], given the head.
+Read = Callable[[torch.Tensor, torch.nn.Module], torch.Tensor]
+
+
+def read_logits(hidden, head) -> torch.Tensor:
+    return head.full_logits(hidden)  # [n, s, V] fp32
+
+
+def read_ce(targets: torch.Tensor) -> Read:
+    return lambda hidden, head: head.token_ce(hidden, targets)  # [n, s] fp32
+
+
+def read_energy(row: int) -> Read:
+    return lambda hidden, head: head.energy(hidden, row=row)  # [n] fp32
+
+
+@dataclass
+class _Call:
+    kind: str
+    """'logits' | 'ce' | 'energy'"""
+    shape: tuple[int, ...]
+    """Shape of the answer."""
+    tokens: torch.Tensor | None = None
+    """[n, s] the rows the call runs the model on (gradient calls)."""
+
+
+@dataclass
+class Recording:
+    """One micro-batch's record of the active losses: their weights, the no-grad answers kept
+    for replay, the gradient calls (in order) and the rows they add to the step's forward."""
+
+    weights: dict[str, float]
+    calls: list[tuple[_Call, torch.Tensor | None]] = field(default_factory=list)
+    """Every call in order: (call, its no-grad answer), or (call, None) for a gradient call."""
+    seconds: float = 0.0
+
+    def rows(self) -> torch.Tensor | None:
+        """[n_aux, s] the tokens of every gradient call, concatenated (None if there are none)."""
+        tokens = [c.tokens for c, answer in self.calls if answer is None]
+        return torch.cat(tokens) if tokens else None
+
 
 class ModelView:
     """The model as auxiliary losses and decoders see it.
 
-    `model` is a DeepSpeed engine or a bare `DLMTransformer`; under tensor parallelism its logits
-    are vocab-parallel, so `logits` gathers them (every TP rank then holds the same full
-    distribution and, with the same seeded uniforms, draws the same samples).
+    `ModelView(model, vocab_size)` runs `model` (a `DLMTransformer` or a DeepSpeed engine around
+    one) directly. Under tensor parallelism its logits are vocab-parallel, so `logits` gathers
+    them (every TP rank then holds the same full distribution and, with the same seeded
+    uniforms, draws the same samples). `attention` (the batch's documents and/or the objective's
+    pattern) applies to every forward, tiled over batches of several copies ([x0 ; samples]);
+    `align` maps the model's logits to the token at each input position (an objective's shift).
     """
 
-    def __init__(self, model, vocab_size: int, documents: DocumentMask | None = None):
+    def __init__(
+        self,
+        model,
+        vocab_size: int,
+        documents: DocumentMask | AttentionMask | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        align: Callable[[torch.Tensor], torch.Tensor] = lambda logits: logits,
+    ):
         self.model = model
-        self.module = getattr(model, "module", model)
         self.vocab_size = vocab_size
-        self.documents = documents
-        """The batch's document mask (`data.document_mask`): every forward attends within
-        documents, as the objective's forward does."""
+        self.attention = AttentionMask.of(documents)
+        self.position_ids = position_ids
+        self.align = align
 
-    def _mask(self, tokens: torch.Tensor) -> DocumentMask | None:
-        """The document mask for `tokens` [k * b, s], k copies of the batch ([x0 ; samples])."""
-        if self.documents is None or tokens.shape[0] == self.documents.ids.shape[0]:
-            return self.documents
-        return self.documents.tile(tokens.shape[0] // self.documents.ids.shape[0])
+    def inputs(self, tokens: torch.Tensor) -> ModelInputs:
+        """Model inputs for `tokens` [k * b, s], k copies of the batch."""
+        attention = self.attention
+        if attention is not None and attention.documents is not None:
+            attention = attention.tile(tokens.shape[0] // attention.documents.ids.shape[0])
+        return ModelInputs(tokens, self.position_ids, attention)
+
+    def _run(self, call: _Call, tokens: torch.Tensor, read: Read) -> torch.Tensor:
+        inputs = self.inputs(tokens)
+        return self.model(
+            inputs.tokens,
+            attention_mask=inputs.attention,
+            position_ids=inputs.position_ids,
+            loss_fn=read,
+        )
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> fp32 logits [b, s, V] over the real vocabulary (mask at -inf)."""
-        local = self.model(tokens, attention_mask=self._mask(tokens))  # [b, s, V_pad / tp]
-        return gather_vocab_parallel(local)[..., : self.vocab_size].float()
+        shape = (*tokens.shape, self.vocab_size)
+        return self.align(self._run(_Call("logits", shape), tokens, read_logits))
 
     def ce(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """tokens, targets [b, s] -> -log p(target | tokens) [b, s] fp32 (vocab-parallel)."""
-        return self.model(tokens, targets=targets, attention_mask=self._mask(tokens))
+        return self._run(_Call("ce", tuple(tokens.shape)), tokens, read_ce(targets))
 
     def energy(self, tokens: torch.Tensor, *, row: int) -> torch.Tensor:
         """tokens [b, s] -> scalar energy per sequence [b] (`pretrain.model.energy`; `row`: the
         mask token's id, whose output-layer row holds the energy weights)."""
-        from pretrain.model.energy import sequence_energy
+        return self._run(_Call("energy", (tokens.shape[0],)), tokens, read_energy(row))
 
-        return sequence_energy(self.module, tokens, row=row, attention_mask=self._mask(tokens))
+
+class _RecordingView(ModelView):
+    """Record phase: no-grad calls run through `infer(inputs, read, shape)`; gradient calls are
+    noted and answered with zeros."""
+
+    def __init__(self, infer, recording: Recording, **kwargs):
+        super().__init__(None, **kwargs)
+        self.infer, self.recording = infer, recording
+
+    def _run(self, call, tokens, read):
+        if torch.is_grad_enabled():
+            call.tokens = tokens
+            self.recording.calls.append((call, None))
+            return torch.zeros(call.shape, device=tokens.device)
+        answer = self.infer(self.inputs(tokens), read, call.shape)
+        self.recording.calls.append((call, answer))
+        return answer
+
+
+class _ReplayView(ModelView):
+    """Replay phase, where the step's forward has run: the calls arrive in the recorded order;
+    no-grad calls return their recorded answers, gradient calls read their rows of the hidden
+    states [s, n_aux, h]."""
+
+    def __init__(self, recording: Recording, hidden: torch.Tensor, head, **kwargs):
+        super().__init__(None, **kwargs)
+        self.calls = list(recording.calls)
+        self.hidden, self.head, self.offset = hidden, head, 0
+
+    def _run(self, call, tokens, read):
+        want, answer = self.calls.pop(0)
+        if (want.kind, want.shape) != (call.kind, call.shape):
+            raise RuntimeError(
+                f"auxiliary loss replay: got a {call.kind}{call.shape} call where "
+                f"{want.kind}{want.shape} was recorded (a loss may not branch on the values "
+                "of its gradient calls)"
+            )
+        if answer is not None:
+            return answer
+        n = tokens.shape[0]
+        rows = self.hidden[:, self.offset : self.offset + n]
+        self.offset += n
+        return read(rows, self.head)
 
 
 def uniforms(key: CorruptionKey, purpose: str, shape: tuple[int, int], device) -> torch.Tensor:
@@ -120,25 +234,17 @@ class AuxiliaryLoss(ABC):
 
 
 class AuxiliarySet:
-    """The configured losses, weighted by their schedules; what the engine's hook calls.
+    """The configured losses, weighted by their schedules.
 
     Metric names are `aux/<loss>/<metric>` plus `aux/extra_forwards_per_step` and
-    `aux/seconds_per_step` (wall-clock of the auxiliary forwards, excluding their backward).
+    `aux/seconds_per_step` (wall-clock of the auxiliary no-grad forwards of a step; their
+    gradient rows run inside the step's own forward and backward).
     """
 
-    def __init__(
-        self,
-        losses: list[AuxiliaryLoss],
-        *,
-        vocab_size: int,
-        seed: int,
-        replica: int = 0,
-        replicas: int = 1,
-    ):
+    def __init__(self, losses: list[AuxiliaryLoss], *, vocab_size: int, seed: int):
         self.losses = losses
         self.vocab_size = vocab_size
         self.seed = seed
-        self.replica, self.replicas = replica, replicas
         self.metric_names = tuple(
             f"aux/{loss.name}/{m}" for loss in losses for m in ("weight", *loss.metrics)
         ) + ("aux/extra_forwards_per_step", "aux/seconds_per_step")
@@ -147,75 +253,76 @@ class AuxiliarySet:
         for loss in self.losses:
             loss.attach(module)
 
-    def step_loss(self, model, batch: DiffusionBatch, micro: int, micro_batches: int, metrics):
-        """The engine's hook: micro-batch `micro` of the current optimizer step (DeepSpeed's
-        `global_steps`, restored on resume). Adds this micro-batch's metrics to `metrics`."""
-        step = model.global_steps
-        key = CorruptionKey(self.seed, step, micro, self.replica, micro_batches, self.replicas)
-        return self(model, batch, key, metrics, micro_batches=micro_batches)
+    def weights(self, step: int) -> dict[str, float]:
+        return {
+            loss.name: loss.cfg.weight * WEIGHT_SCHEDULES[loss.cfg.schedule](step, loss.cfg)
+            for loss in self.losses
+        }
 
+    # ------------------------------------------------------------- inside a training step
+    def record(self, infer, batch: DiffusionBatch, key: CorruptionKey, **view) -> Recording:
+        """Record phase for one micro-batch (every rank; `view`: ModelView's keyword
+        arguments). Losses whose weight is 0 at this step are skipped: they cost nothing."""
+        recording = Recording(self.weights(key.step))
+        t0 = time.perf_counter()
+        recorder = _RecordingView(infer, recording, vocab_size=self.vocab_size, **view)
+        for loss in self.losses:
+            if recording.weights[loss.name] > 0:
+                loss(recorder, batch, key)
+        recording.seconds = time.perf_counter() - t0
+        return recording
+
+    def replay(
+        self,
+        recording: Recording,
+        hidden: torch.Tensor,
+        head,
+        batch: DiffusionBatch,
+        key: CorruptionKey,
+        metrics: dict,
+        *,
+        micro_batches: int,
+        **view,
+    ) -> torch.Tensor:
+        """Replay phase, on the hidden states [s, n_aux, h] of the recorded rows: the weighted
+        sum of the losses, with their metrics added to `metrics`."""
+        replayer = _ReplayView(recording, hidden, head, vocab_size=self.vocab_size, **view)
+        total = self._losses(replayer, batch, key, recording.weights, metrics)
+        metrics["aux/seconds_per_step"] = torch.tensor(recording.seconds * micro_batches)
+        metrics["aux/extra_forwards_per_step"] = torch.tensor(
+            float(micro_batches * self._forwards(recording.weights))
+        )
+        return total
+
+    # ------------------------------------------------------------- a bare model, directly
     def __call__(
         self, model, batch: DiffusionBatch, key: CorruptionKey, metrics: dict, micro_batches=1
     ) -> torch.Tensor:
-        """Weighted sum of the losses on `batch`; fills `metrics` (tensors) in place."""
-        documents = batch.attention_mask if isinstance(batch.attention_mask, DocumentMask) else None
-        view = ModelView(model, self.vocab_size, documents)
+        """The weighted losses on `batch`, each call a forward of `model` (a training loop of
+        one process around a bare model); fills `metrics` (tensors) in place."""
+        weights, t0 = self.weights(key.step), time.perf_counter()
+        view = ModelView(
+            model, self.vocab_size, batch.attention_mask, position_ids=batch.position_ids
+        )
+        total = self._losses(view, batch, key, weights, metrics)
+        metrics["aux/seconds_per_step"] = torch.tensor((time.perf_counter() - t0) * micro_batches)
+        metrics["aux/extra_forwards_per_step"] = torch.tensor(
+            float(micro_batches * self._forwards(weights))
+        )
+        return total
+
+    def _forwards(self, weights: dict[str, float]) -> int:
+        return sum(loss.extra_forwards for loss in self.losses if weights[loss.name] > 0)
+
+    def _losses(self, view, batch, key, weights, metrics) -> torch.Tensor:
         total = torch.zeros((), device=batch.inputs.device)
-        forwards, t0 = 0, time.perf_counter()
         for loss in self.losses:
-            weight = loss.cfg.weight * WEIGHT_SCHEDULES[loss.cfg.schedule](key.step, loss.cfg)
+            weight = weights[loss.name]
             values = dict.fromkeys(loss.metrics, torch.zeros(()))
             if weight > 0:  # before its start step a loss costs no forward at all
                 value, values = loss(view, batch, key)
                 total = total + weight * value
-                forwards += loss.extra_forwards
             metrics[f"aux/{loss.name}/weight"] = torch.tensor(weight)
             for m in loss.metrics:
-                metrics[f"aux/{loss.name}/{m}"] = values[m].detach().float().cpu()
-        # per optimizer step: every micro-batch of the step runs the same forwards
-        metrics["aux/extra_forwards_per_step"] = torch.tensor(float(forwards * micro_batches))
-        metrics["aux/seconds_per_step"] = torch.tensor((time.perf_counter() - t0) * micro_batches)
+                metrics[f"aux/{loss.name}/{m}"] = values[m].detach().float()
         return total
-
-
-def build_auxiliaries(cfg, *, mask_id: int, vocab_size: int, rt=None) -> AuxiliarySet | None:
-    """The set configured in `cfg.auxiliary.losses` (None if empty), checked against the layout."""
-    if not cfg.auxiliary.losses:
-        return None
-    if cfg.parallel.pipeline_parallel > 1:
-        raise ConfigError(
-            "auxiliary.losses: not supported with parallel.pipeline_parallel > 1 (their extra "
-            "forward passes run outside DeepSpeed's pipeline schedule); use tensor/data parallelism"
-        )
-    if cfg.diffusion.objective != "masked":
-        raise ConfigError(
-            f"auxiliary.losses: written for diffusion.objective 'masked' (full bidirectional "
-            f"sequences), not '{cfg.diffusion.objective}'"
-        )
-    losses = []
-    for i, item in enumerate(cfg.auxiliary.losses):
-        where = f"auxiliary.losses[{i}]"
-        if item.name not in AUXILIARIES:
-            raise ConfigError(
-                f"{where}.name: unknown auxiliary loss '{item.name}' "
-                f"(expected one of: {', '.join(AUXILIARIES)})"
-            )
-        if item.schedule not in WEIGHT_SCHEDULES:
-            raise ConfigError(
-                f"{where}.schedule: unknown schedule '{item.schedule}' "
-                f"(expected one of: {', '.join(WEIGHT_SCHEDULES)})"
-            )
-        if item.name == "energy_nce" and cfg.parallel.sequence_parallel:
-            raise ConfigError(
-                f"{where}: energy_nce pools the whole sequence; not with parallel.sequence_parallel"
-            )
-        losses.append(AUXILIARIES[item.name](item, mask_id=mask_id))
-    if len({loss.name for loss in losses}) != len(losses):
-        raise ConfigError("auxiliary.losses: each loss may appear once")
-    return AuxiliarySet(
-        losses,
-        vocab_size=vocab_size,
-        seed=cfg.train.seed,
-        replica=rt.dp_rank if rt else 0,
-        replicas=rt.dp if rt else 1,
-    )

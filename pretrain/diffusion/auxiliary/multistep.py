@@ -7,13 +7,11 @@ import torch
 
 from pretrain.diffusion.auxiliary.base import (
     AuxiliaryLoss,
-    register_auxiliary,
     sample_categorical,
     uniforms,
 )
 
 
-@register_auxiliary
 class MultiStepConsistency(AuxiliaryLoss):
     """KL from the one-step prediction to the (stop-gradient) n-step prediction from one x_t.
 
@@ -44,23 +42,24 @@ class MultiStepConsistency(AuxiliaryLoss):
         b, s = batch.inputs.shape
         n = self.cfg.rollout_steps
         device = batch.inputs.device
+        corrupted = batch.corrupted  # [b, s] input positions holding the mask
         with torch.no_grad():
             probs = torch.softmax(view.logits(batch.inputs), dim=-1)  # [b, s, V]
             draft = torch.where(
-                batch.masked,
+                corrupted,
                 sample_categorical(probs, uniforms(key, "aux-ms-draw", (b, s), device)),
                 batch.inputs,
             )
             group = (uniforms(key, "aux-ms-group", (b, s), device) * n).long()  # [b, s] in [0, n)
             target = torch.nn.functional.one_hot(draft, probs.shape[-1]).float()  # [b, s, V]
-            x = torch.where(batch.masked & (group == 0), draft, batch.inputs)
+            x = torch.where(corrupted & (group == 0), draft, batch.inputs)
             for k in range(1, n):
                 probs = torch.softmax(view.logits(x), dim=-1)
-                now = batch.masked & (group == k)
+                now = corrupted & (group == k)
                 target = torch.where(now[..., None], probs, target)
                 drawn = sample_categorical(probs, uniforms(key, f"aux-ms-roll{k}", (b, s), device))
                 x = torch.where(now, drawn, x)
-            changed = (batch.masked & (x != draft)).sum() / (b * s)
+            changed = (corrupted & (x != draft)).sum() / (b * s)
         logp = torch.log_softmax(view.logits(draft), dim=-1)  # [b, s, V], with gradient
         # q log q - q log p, with 0 log 0 = 0 (the mask token and off-support ids)
         kl = torch.where(target > 0, target * (target.clamp_min(1e-30).log() - logp), 0.0)

@@ -6,19 +6,17 @@ import torch
 
 from pretrain.diffusion.auxiliary.base import (
     AuxiliaryLoss,
-    register_auxiliary,
     sample_categorical,
     uniforms,
 )
 
 
-@register_auxiliary
 class SelfCorrection(AuxiliaryLoss):
     """Denoise a draft that holds the model's own parallel samples:
 
         x~ = x_t with a fraction rho of its masked positions replaced by y_i ~ p_theta(. | x_t)
              (independent draws, no gradient: exactly what one parallel decoding step commits)
-        L_sc = 1/(B L) sum_i -log p_theta(x0_i | x~)        (every position, as in DESIGN.md 6)
+        L_sc = 1/(B L) sum_i -log p_theta(x0_i | x~)    (every position; docs/design.md §6)
 
     A committed token that disagrees with the rest of the sequence ("she like") is a sampled
     position whose target differs from it, so the trained model gives it low probability
@@ -36,7 +34,7 @@ class SelfCorrection(AuxiliaryLoss):
         with torch.no_grad():
             probs = torch.softmax(view.logits(batch.inputs), dim=-1)  # [b, s, V]
         drawn = sample_categorical(probs, uniforms(key, "aux-sc-draw", (b, s), probs.device))
-        fill = batch.masked & (
+        fill = batch.corrupted & (
             uniforms(key, "aux-sc-fill", (b, s), probs.device) < self.cfg.fill_fraction
         )
         draft = torch.where(fill, drawn.to(batch.inputs.dtype), batch.inputs)
@@ -47,5 +45,5 @@ class SelfCorrection(AuxiliaryLoss):
             "loss": loss.detach(),
             "ce_filled_per_token_slot": torch.where(fill, ce, 0.0).sum().detach() / slots,
             "filled_fraction": fill.sum() / slots,
-            "sample_error_fraction": (fill & (draft != batch.targets)).sum() / slots,
+            "sample_error_fraction": (fill & (draft != batch.clean_inputs)).sum() / slots,
         }

@@ -1,0 +1,265 @@
+"""Does FP8 training converge like bf16? The same model, data, seed and token budget trained twice
+on real text, once with bf16 matmuls and once with `model.fp8`, compared by loss curve and final
+validation NELBO.
+
+    python experiments/fp8_convergence.py --data DIR --out runs/fp8-convergence \
+        [--steps 2500] [--tokens-per-step 16384] [--recipe tensorwise]
+
+DIR is any `dlm data build` directory (manifest.json, tokenizer, shards) of real text; its
+`seq_len` and vocabulary set the model's. The default model (`--preset 170m`: d 1024, 12 layers,
+16 heads / 4 KV groups, SwiGLU 2816: 135M parameters in the layers plus 2 x vocab x 1024 for
+embedding and output layer, 170M with a 16k vocabulary) is sized for both trainings to fit in
+about 8 minutes on one H200 with the defaults (a prediction: ~1 GFLOP per token at seq 1024,
+41M tokens per run at ~35% MFU is ~2 minutes, plus compilation and start-up), with bf16
+weights, fused master-weight AdamW, `model.compile` and ZeRO-0; fp8 adds `model.fp8=RECIPE`.
+Each training runs in its own process; under OUT it writes `bf16/` and `fp8-RECIPE/` (run
+directories and `train.log`), `curves.json` (per-step training loss and every evaluation of both
+runs), `summary.json` (final validation NELBO of each, their relative difference, the largest
+relative difference of the smoothed training curves after warmup, tokens, parameters, wall time)
+and `fp8_convergence.png` (without matplotlib, `--replot --out OUT` draws it later elsewhere).
+
+`--preset toy --device cpu --emulate-fp8` is the seconds-long CPU check of the script itself
+(DLM_FP8_EMULATE=1: the FP8 casts emulated in fp32; no speed-up, no statement about GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PRESETS = {
+    "170m": {
+        "model.hidden_size": 1024,
+        "model.num_layers": 12,
+        "model.num_attention_heads": 16,
+        "model.num_query_groups": 4,
+        "model.ffn_hidden_size": 2816,
+        "model.rope_base": 10000.0,
+        "optim.lr": 6e-4,
+    },
+    "toy": {
+        "model.hidden_size": 64,
+        "model.num_layers": 2,
+        "model.num_attention_heads": 4,
+        "model.ffn_hidden_size": 128,
+        "optim.lr": 2e-3,
+    },
+}
+"""Model shape and peak learning rate of each preset (everything else is in `overrides`)."""
+PLOT = "fp8_convergence.png"
+SMOOTH = 50
+"""Steps in the moving average of the training-loss curves (the per-step loss of a diffusion
+LM is noisy: t is drawn per sequence)."""
+
+
+def overrides(a, name: str, fp8: str | None, seq_len: int) -> list[str]:
+    micro = max(1, a.tokens_per_step // seq_len)
+    values = {
+        "run.name": name,
+        "run.output_dir": str(a.out),
+        "data.path": str(a.data),
+        "data.seq_len": seq_len,
+        **PRESETS[a.preset],
+        "model.compile": a.device == "cuda",
+        "model.fp8": fp8 or "off",
+        "train.device": a.device,
+        "train.steps": a.steps,
+        "train.micro_batch_size": micro,
+        "train.grad_accum_steps": 1,
+        "train.seed": a.seed,
+        "train.log_interval": max(1, min(50, a.steps // 4)),
+        "train.eval_interval": max(1, a.steps // a.evals),
+        "train.eval_batches": a.eval_batches,
+        "train.checkpoint_interval": 0,
+        "train.keep_last": 1,
+        "train.resume": "never",
+        "optim.warmup_steps": max(1, a.steps // 20),
+        "optim.min_lr_ratio": 0.1,
+        "tracking.enabled": False,
+    }
+    if a.device == "cuda":
+        values |= {"optim.master_weights": "fused", "parallel.zero_stage": 0}
+    return [f"{k}={v}" for k, v in values.items()] + a.set
+
+
+def child(a) -> None:
+    """One training run; its losses, evaluations and timing go to OUT/NAME/result.json."""
+    from data_pipeline.manifest import Manifest
+    from pretrain.config import load_config
+    from pretrain.trainer import train
+
+    manifest = Manifest.load(a.data)
+    seq_len = manifest.seq_len
+    fp8 = a.recipe if a.child.startswith("fp8-") else None
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(a, a.child, fp8, seq_len))
+    t0 = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - t0
+    tokens = a.steps * cfg.train.micro_batch_size * seq_len
+    out = {
+        "losses": {str(k): v for k, v in result.losses.items()},
+        "evals": {str(k): v for k, v in result.evals.items()},
+        "seconds": seconds,
+        "tokens": tokens,
+        "train_tokens_in_data": manifest.num_samples("train") * seq_len,
+        "params": parameters(cfg.model, manifest.tokenizer.vocab_size),
+        "fp8": fp8 or "off",
+    }
+    (Path(a.out) / a.child / "result.json").write_text(json.dumps(out))
+
+
+def parameters(m, vocab_size: int) -> int:
+    """Parameters of the model: layers (QKV, output, SwiGLU, two norms), embedding and output
+    layer over the padded vocabulary, final norm."""
+    from pretrain.model.transformer import padded_vocab_size
+
+    d, heads = m.hidden_size, m.num_attention_heads
+    qkv = d // heads * (heads + 2 * (m.num_query_groups or heads))
+    layer = d * qkv + d * d + 3 * d * m.ffn_hidden_size + 2 * d
+    vocab = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by)
+    return m.num_layers * layer + 2 * vocab * d + d
+
+
+def smoothed(losses: dict[int, float], window: int) -> dict[int, float]:
+    """Trailing moving average over `window` steps (shorter at the start)."""
+    steps = sorted(losses)
+    values = [losses[s] for s in steps]
+    out, total = {}, 0.0
+    for i, step in enumerate(steps):
+        total += values[i] - (values[i - window] if i >= window else 0.0)
+        out[step] = total / min(i + 1, window)
+    return out
+
+
+def compare(runs: dict[str, dict], warmup: int) -> dict:
+    """Final validation NELBO of each run, their relative difference, and the largest relative
+    difference of the smoothed training curves and of the evaluations after `warmup` steps."""
+    (base, b), (name, f) = runs.items()
+    final = {
+        k: r["evals"][max(r["evals"], key=int)]["val/nelbo_per_token_slot"] for k, r in runs.items()
+    }
+    window = min(SMOOTH, max(1, len(b["losses"]) // 10))
+    sb = smoothed({int(k): v for k, v in b["losses"].items()}, window)
+    sf = smoothed({int(k): v for k, v in f["losses"].items()}, window)
+    after = [s for s in sb if s > warmup]
+    curve = max(abs(sf[s] - sb[s]) / abs(sb[s]) for s in after)
+    shared = [k for k in b["evals"] if int(k) > warmup and k in f["evals"]]
+    evals = max(
+        abs(f["evals"][k]["val/nelbo_per_token_slot"] - b["evals"][k]["val/nelbo_per_token_slot"])
+        / abs(b["evals"][k]["val/nelbo_per_token_slot"])
+        for k in shared
+    )
+    return {
+        "final_val_nelbo": final,
+        "final_val_nelbo_rel_diff": abs(final[name] - final[base]) / abs(final[base]),
+        "max_rel_diff_smoothed_train_loss_after_warmup": curve,
+        "max_rel_diff_val_nelbo_after_warmup": evals,
+        "smoothing_window_steps": window,
+        "seconds": {k: r["seconds"] for k, r in runs.items()},
+        "tokens_per_run": b["tokens"],
+        "train_tokens_in_data": b["train_tokens_in_data"],
+        "params": b["params"],
+        "tokens_per_s": {k: r["tokens"] / r["seconds"] for k, r in runs.items()},
+    }
+
+
+def plot(runs: dict[str, dict], summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 1))
+    window = summary["smoothing_window_steps"]
+    curves = {}
+    for name, run in runs.items():
+        curve = smoothed({int(k): v for k, v in run["losses"].items()}, window)
+        curves[name] = curve
+        (line,) = top.plot(list(curve), list(curve.values()), label=f"{name}: train (avg {window})")
+        steps = sorted(int(k) for k in run["evals"])
+        nelbo = [run["evals"][str(s)]["val/nelbo_per_token_slot"] for s in steps]
+        top.plot(steps, nelbo, "o--", color=line.get_color(), label=f"{name}: validation NELBO")
+    (base, b), (name, f) = curves.items()
+    rel = {s: 100 * (f[s] - b[s]) / b[s] for s in b}
+    bottom.plot(list(rel), list(rel.values()), color="k")
+    bottom.axhline(0, color="grey", lw=0.5)
+    for edge in (-1, 1):
+        bottom.axhline(edge, color="red", lw=0.5, ls=":")
+    top.set_ylabel("NELBO per token slot (nats)")
+    bottom.set_ylabel(f"{name} vs {base} (%)")
+    bottom.set_xlabel("step")
+    diff = 100 * summary["final_val_nelbo_rel_diff"]
+    top.set_title(
+        f"{summary['tokens_per_run'] / 1e6:.1f}M tokens per run; final validation NELBO "
+        f"differs by {diff:.2f}%"
+    )
+    top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data", required=True, type=Path, help="a `dlm data build` directory")
+    p.add_argument("--out", default=REPO / "runs" / "fp8-convergence", type=Path)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="170m")
+    p.add_argument("--recipe", choices=("tensorwise", "rowwise"), default="tensorwise")
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--tokens-per-step", type=int, default=16384)
+    p.add_argument("--evals", type=int, default=10, help="evaluations per run")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--emulate-fp8", action="store_true", help="DLM_FP8_EMULATE=1 (CPU checks)")
+    p.add_argument("--set", action="append", default=[], help="extra config override (both runs)")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot of OUT's results")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        child(a)
+        return
+    if a.replot:
+        runs = json.loads((a.out / "curves.json").read_text())
+        plot(runs, json.loads((a.out / "summary.json").read_text()), a.out / PLOT)
+        return
+    if not (a.data / "manifest.json").exists():
+        p.error(f"{a.data}: no manifest.json; build the shards with `dlm data build` first")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if a.emulate_fp8:
+        env["DLM_FP8_EMULATE"] = "1"
+    names = ["bf16" if a.device == "cuda" else "fp32", f"fp8-{a.recipe}"]  # CPU trains in fp32
+    runs = {}
+    for name in names:
+        (a.out / name).mkdir(parents=True, exist_ok=True)
+        log = a.out / name / "train.log"
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", name]
+        print(f"[fp8-convergence] {name}: training, log in {log}", flush=True)
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if proc.returncode:
+            sys.exit(f"{name} failed (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
+        runs[name] = json.loads((a.out / name / "result.json").read_text())
+        print(f"[fp8-convergence] {name}: {runs[name]['seconds']:.0f} s", flush=True)
+    summary = compare(runs, warmup=max(1, a.steps // 10))
+    summary |= {"recipe": a.recipe, "preset": a.preset, "steps": a.steps, "data": str(a.data)}
+    (a.out / "curves.json").write_text(json.dumps(runs))
+    (a.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    try:
+        plot(runs, summary, a.out / PLOT)
+    except ImportError as exc:  # a bare GPU machine: the numbers are written, plot elsewhere
+        print(f"[fp8-convergence] no plot ({exc}); draw it with --replot --out {a.out}")
+
+
+if __name__ == "__main__":
+    main()
