@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pretrain.config import DiffusionConfig, ModelConfig
-from pretrain.evaluation.backends import MegatronNet
+from pretrain.evaluation.backends import ModuleNet
 from pretrain.evaluation.layouts import build_layout
 from pretrain.evaluation.scoring import Request, Scorer
 
@@ -36,12 +36,12 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def net(runtime):
     """A 2-layer model with a large init: its predictions depend strongly on what is masked."""
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     cfg = ModelConfig(
         hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64, init_std=0.5
     )
-    return MegatronNet(build_model(cfg, vocab_size=V, mask_token_id=MASK, seed=3).eval())
+    return ModuleNet(build_model(cfg, vocab_size=V, mask_token_id=MASK, seed=3).eval())
 
 
 def scorer(net, name: str, **kwargs) -> Scorer:
@@ -55,14 +55,14 @@ def test_uniform_predictor_scores_exactly_minus_n_log_v_minus_one(net, name):
     """Zero output weights: every logit is 0 but the mask's (-inf), so each masked token costs
     log 19 whatever is masked. Every sample's weights sum to n, so the estimate is exact, with
     zero standard error (a 1/t-weighted estimator would scatter around it)."""
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64)
     module = build_model(cfg, vocab_size=V, mask_token_id=MASK, seed=1).eval()
     with torch.no_grad():
         module.head.output_layer.weight.zero_()
     for future in (False, True):  # also with the rest of the window filled with masks
-        sc = scorer(MegatronNet(module), name, samples=40, future_masks=future)
+        sc = scorer(ModuleNet(module), name, samples=40, future_masks=future)
         for cont in [CONTINUATION, (4,), tuple(range(1, 11))]:
             (score,) = sc.score([Request(CONTEXT, cont)])
             want = -len(cont) * math.log(V - 1)
@@ -79,10 +79,9 @@ def ce_table(net, layout, positions: tuple[int, ...]) -> dict[frozenset, torch.T
     for r, m in enumerate(sets):
         hidden[r, [p + j for j in m]] = True
     inputs = layout.inputs(x0, hidden, torch.ones_like(hidden))
-    with torch.no_grad():
-        states = net.hidden(inputs.tokens, inputs.attention_mask, inputs.position_ids)
-        src = inputs.source[0, p : p + n]
-        logits = net.project(states[:, src].reshape(-1, states.shape[-1]))
+    src = inputs.source[0, p : p + n]
+    logits = net.run(inputs.model, lambda h, head: head.full_logits(h[src]), ())  # [rows, n, V]
+    logits = logits.reshape(-1, logits.shape[-1])
     ce = torch.nn.functional.cross_entropy(logits, x0[:, p:].reshape(-1), reduction="none").double()
     return dict(zip(sets, ce.view(len(sets), n), strict=True))
 

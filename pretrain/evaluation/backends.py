@@ -1,28 +1,43 @@
-"""The two network implementations an evaluation runs on, behind one small interface.
+"""The three ways an evaluation runs the network, behind one operation:
 
-    hidden(tokens [b, s], attention_mask, position_ids) -> final hidden states [b, s, h]
-    project(hidden [m, h]) -> logits [m, V] fp32, ids that are never predicted at -inf
-    module: what `pretrain.sampling` calls, module(x, attention_mask=...) -> logits [b, s, V]
+    net.run(inputs: ModelInputs, read, shape) -> read(hidden [s, b, h], head), fp32 of `shape`
 
-Scoring projects only the positions it scores (a few per row), never the full [b, s, V] logits:
-at LLaDA's 126k vocabulary those would not fit next to a batch. `attention_mask` is None or bool,
-broadcastable to [b, heads, s, s], True = may attend; `position_ids` is None (0..s-1) or [s].
+`read` is what the training loss is elsewhere (`Engine.infer`'s contract): it sees the last
+hidden states and the head, whose `full_logits(hidden [s, b, h]) -> [b, s, V]` gives fp32 logits
+over the whole vocabulary with the never-predicted ids at -inf. Scoring projects only the
+positions it scores (`scoring.scored_positions_read`), never the [b, s, V] logits of a batch: at
+LLaDA's 126k vocabulary those would not fit next to it.
+
+    ModuleNet   a `DLMTransformer` on this process (a checkpoint, `load_model`)
+    EngineNet   the training engine's no-grad forward (`Engine.infer`: any layout, PP included)
+    HFNet       an exported directory's `DLMForMaskedLM` (plain PyTorch)
 """
 
 from __future__ import annotations
 
 import torch
 
-from pretrain.model.transformer import gather_vocab_parallel
+from pretrain.model.inputs import ModelInputs
 
 
-class MegatronNet:
-    """Our training model (`DLMTransformer`), from a checkpoint or the trainer's replica. With
-    tensor parallelism every TP rank runs the same rows and the vocabulary slices are gathered."""
+def to_device(inputs: ModelInputs, device) -> ModelInputs:
+    """The inputs (built on the host) on `device`; the attention's segments stay host-known."""
+    from pretrain.model.masks import AttentionMask
 
-    def __init__(self, module, *, tensor_parallel: bool = False):
+    att = inputs.attention
+    if att is not None:
+        pattern = None if att.pattern is None else att.pattern.to(device)
+        docs = None if att.documents is None else att.documents.map(lambda t: t.to(device))
+        att = AttentionMask(pattern, docs)
+    positions = None if inputs.position_ids is None else inputs.position_ids.to(device)
+    return ModelInputs(inputs.tokens.to(device), positions, att)
+
+
+class ModuleNet:
+    """Our training model (`DLMTransformer`) on this process, at TP = PP = 1."""
+
+    def __init__(self, module):
         self.module = module
-        self.tensor_parallel = tensor_parallel
 
     @property
     def device(self) -> torch.device:
@@ -30,27 +45,53 @@ class MegatronNet:
 
     @property
     def vocab_size(self) -> int:
-        return self.module.padded_vocab
+        return self.module.vocab_size
 
-    def hidden(self, tokens, attention_mask=None, position_ids=None) -> torch.Tensor:
-        out = self.module.hidden_states(  # [s, b, h], before the final norm (the head applies it)
-            tokens, attention_mask=attention_mask, position_ids=position_ids
+    @torch.no_grad()
+    def run(self, inputs: ModelInputs, read, shape) -> torch.Tensor:
+        x = to_device(inputs, self.device)
+        out = self.module(
+            x.tokens, attention_mask=x.attention, position_ids=x.position_ids, loss_fn=read
         )
-        return out.transpose(0, 1)
-
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.module.head(hidden[:, None])[:, 0]  # head: [s, b, h] -> [s, b, V/tp]
-        if self.tensor_parallel:
-            logits = gather_vocab_parallel(logits)
-        return logits.float()
+        return out.float()
 
 
-class HFNet:
-    """An exported directory's `DLMForMaskedLM` (plain PyTorch, SDPA)."""
+class EngineNet:
+    """The training engine of a run (`pretrain.run.Run`): every rank of a replica calls `run`
+    with the same inputs (collective over the pipeline under pipeline parallelism)."""
+
+    def __init__(self, engine, *, device, vocab_size: int):
+        self.engine, self._device, self._vocab = engine, device, vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def run(self, inputs: ModelInputs, read, shape) -> torch.Tensor:
+        return self.engine.infer(to_device(inputs, self._device), read, tuple(shape))
+
+
+class _HFHead:
+    """`OutputHead.full_logits` for an exported model (its hidden states are already normed)."""
 
     def __init__(self, model):
         self.model = model
-        self.module = _LogitsOnly(model)
+
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.lm_head(hidden.transpose(0, 1)).float()  # [b, s, V]
+        return logits.masked_fill(self.model.excluded_ids(hidden.device), float("-inf"))
+
+
+class HFNet:
+    """An exported directory's `DLMForMaskedLM` (SDPA; dense boolean masks)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.head = _HFHead(model)
 
     @property
     def device(self) -> torch.device:
@@ -60,23 +101,27 @@ class HFNet:
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
-    def hidden(self, tokens, attention_mask=None, position_ids=None) -> torch.Tensor:
-        out = self.model.model(tokens, attention_mask=attention_mask, position_ids=position_ids)
-        return out.last_hidden_state  # already through the final norm
+    @torch.no_grad()
+    def run(self, inputs: ModelInputs, read, shape) -> torch.Tensor:
+        x = to_device(inputs, self.device)
+        mask = None if x.attention is None else x.attention.dense()
+        out = self.model.model(x.tokens, attention_mask=mask, position_ids=x.position_ids)
+        return read(out.last_hidden_state.transpose(0, 1), self.head).float()  # [s, b, h]
 
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.lm_head(hidden).float()
-        return logits.masked_fill(self.model.excluded_ids(hidden.device), float("-inf"))
+
+def read_logits(hidden, head) -> torch.Tensor:
+    return head.full_logits(hidden)  # [b, s, V] fp32
 
 
-class _LogitsOnly(torch.nn.Module):
-    """`DLMForMaskedLM` with the call signature of our model: x [b, s] -> logits [b, s, V]."""
+def logits_fn(net, objective):
+    """x [b, s] -> the objective-aligned fp32 logits [b, s, V] (what the samplers call): the
+    objective's generation pattern and one-token shift (`generation_mask`, `align_logits`)."""
+    from pretrain.model.masks import AttentionMask
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        pattern = objective.generation_mask(x.shape[1], x.device)
+        inputs = ModelInputs(x, None, None if pattern is None else AttentionMask(pattern))
+        raw = net.run(inputs, read_logits, (*x.shape, net.vocab_size))
+        return objective.align_logits(raw).to(x.device)
 
-    def forward(self, tokens, attention_mask=None, position_ids=None):
-        return self.model(
-            input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids
-        ).logits
+    return logits

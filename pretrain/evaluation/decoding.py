@@ -25,17 +25,16 @@ CAUSAL_CHUNK = 16
 """Tokens per sampler call for the `ar` objective (any value gives the same tokens)."""
 
 
-def objective_decoder(module, diffusion_cfg, seq_len: int):
-    """(generate, model_fn, defaults): the sampler, the model adapted to its objective, and the
-    decode options that match training. The one place this package imports the samplers from."""
-    from pretrain.sampling.models import decode_defaults, objective_model_fn
+def objective_decoder(model):
+    """(generate, model_fn, defaults) of an `EvalModel`: the sampler, the network as the sampler
+    calls it under the objective's generation pattern and shift, and the decode options that
+    match training (`decode_defaults`). The one place this package takes the samplers from."""
+    from pretrain.diffusion.objective import build_objective
+    from pretrain.evaluation.backends import logits_fn
     from pretrain.sampling.sampler import generate
 
-    return (
-        generate,
-        objective_model_fn(module, diffusion_cfg),
-        decode_defaults(diffusion_cfg, seq_len),
-    )
+    objective = build_objective(model.diffusion, mask_id=model.mask_id, seq_len=model.seq_len)
+    return generate, logits_fn(model.net, objective), objective.decode_defaults(model.seq_len)
 
 
 @dataclass(frozen=True)
@@ -62,9 +61,7 @@ class Decoder:
     def __init__(self, model, options: DecodeOptions, *, batch_size: int, seed: int):
         self.model, self.options = model, options
         self.batch_size, self.seed = batch_size, seed
-        generate, self.model_fn, self.defaults = objective_decoder(
-            model.net.module, model.diffusion, model.seq_len
-        )
+        generate, self.model_fn, self.defaults = objective_decoder(model)
         self.generate = generate
         objective = model.diffusion.objective
         self.causal = objective in ("ar", "block")

@@ -53,11 +53,3 @@ class DataParallel:
         for part in parts:
             merged.update(part)
         return merged
-
-    def gather_list(self, local: list) -> list:
-        """Every rank's list, concatenated in rank order, on every rank."""
-        if self.size == 1:
-            return list(local)
-        parts: list = [None] * self.size
-        dist.all_gather_object(parts, local, group=self.group)
-        return [item for part in parts for item in part]

@@ -1,16 +1,17 @@
 """Harness tasks during training: `eval.tasks` every `eval.task_interval` steps, logged to MLflow
 next to the validation NELBO as `tasks/<task>/<metric>`.
 
-Every data-parallel replica scores its share of the requests on its own model copy (the tensor-
-parallel ranks of a replica run the same rows and gather the vocabulary slices), so a task costs
-1/DP of one replica's time; every rank then holds the same results, and rank 0 logs them. With
-pipeline parallelism or ZeRO-3 no rank holds whole layers, and sequence parallelism splits the
-hidden states along the sequence: the tasks are skipped with a message.
+The model runs through the training engine's no-grad forward (`Engine.infer`), so every layout
+works: the ranks of one replica (its tensor- and pipeline-parallel ranks) score the same rows
+together, and the data-parallel replicas split the requests, so a task costs 1/DP of one
+replica's time; every rank then holds the same results, and rank 0 logs them. Sequence
+parallelism splits the hidden states along the sequence, which the scoring's gather of the
+scored positions does not handle: the tasks are skipped there, with a message.
 
 The trainer's hook, like the probe's:
 
-    tasks = TrainingTasks.build(cfg, engine, rt, say)          # before the loop
-    tasks.maybe_run(done, tracker, say)                         # after the validation pass
+    tasks = TrainingTasks.build(run, say)          # before the loop
+    tasks.maybe_run(done, tracker, say)            # after the validation pass
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import math
 import re
 import time
+
+from pretrain.evaluation.distributed import DataParallel
 
 METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-./ ]")
 """Characters MLflow does not allow in a metric name."""
@@ -52,35 +55,26 @@ def flatten_results(results: dict) -> dict[str, float]:
     return out
 
 
-def run_tasks(
-    module,
-    cfg,
-    *,
-    tensor_parallel: bool = False,
-    dp_group=None,
-    batch_size: int | None = None,
-) -> dict[str, float]:
-    """Run `cfg.eval.tasks` on the training model `module` (this rank's `DLMTransformer`) and
-    return `tasks/<task>/<metric>` metrics (on every rank; empty when no tasks are set).
+def run_tasks(run, *, dp=None) -> dict[str, float]:
+    """Run `cfg.eval.tasks` on the model of `run` (a `pretrain.run.Run`) and return
+    `tasks/<task>/<metric>` metrics (on every rank; empty when no tasks are set). Collective.
 
-    `dp_group`: the data-parallel group whose replicas share the requests (None: the default
-    group, i.e. every process is a replica). The module is put in eval mode and back.
+    `dp`: the `DataParallel` replicas that share the requests (None: this process alone).
     """
+    cfg = run.cfg
     if not cfg.eval.tasks:
         return {}
     from pretrain.evaluation.harness import DLMEvalHarness
-    from pretrain.evaluation.loading import from_module
+    from pretrain.evaluation.loading import from_run
     from pretrain.evaluation.runner import evaluate_tasks
 
     lm = DLMEvalHarness(
-        model=from_module(module, cfg, tensor_parallel=tensor_parallel),
+        model=from_run(run),
         mc_samples=cfg.eval.task_mc_samples,
-        batch_size=batch_size or cfg.train.micro_batch_size,
+        batch_size=cfg.train.micro_batch_size,
         seed=cfg.train.seed,
-        dp_group=dp_group,
+        dp=dp or DataParallel.single(),
     )
-    was_training = module.training
-    module.eval()
     saved = _rng_state()  # the harness seeds the global generators; training must not notice
     try:
         results = evaluate_tasks(
@@ -92,12 +86,8 @@ def run_tasks(
             bootstrap_iters=1000,  # closed-form stderr for means; bootstraps stay short
         )
     finally:
-        module.train(was_training)
         _set_rng_state(saved)
-    # the harness reports on LOCAL_RANK 0 only; the other ranks get the same metrics from it
-    metrics = flatten_results(results) if results is not None else None
-    found = [m for m in lm.dp.gather_list([metrics]) if m is not None]
-    return found[0] if found else {}
+    return flatten_results(results) if results is not None else {}
 
 
 def _rng_state() -> tuple:
@@ -126,27 +116,23 @@ def _set_rng_state(state: tuple) -> None:
 class TrainingTasks:
     """The trainer's hook: `maybe_run(step, tracker, say)` every `eval.task_interval` steps."""
 
-    def __init__(self, module, cfg, *, interval: int, tensor_parallel: bool, dp_group):
-        self.module, self.cfg, self.interval = module, cfg, interval
-        self.tensor_parallel, self.dp_group = tensor_parallel, dp_group
+    def __init__(self, run, *, interval: int, dp: DataParallel | None = None):
+        self.run, self.interval, self.dp = run, interval, dp
 
     @classmethod
-    def build(cls, cfg, engine, rt, say=print) -> TrainingTasks:
+    def build(cls, run, say=print) -> TrainingTasks:
+        cfg, rt = run.cfg, run.rt
         interval = cfg.eval.task_interval if cfg.eval.tasks else 0
-        if interval and (rt.pp > 1 or cfg.parallel.zero_stage == 3):
-            say("[dlm] eval.tasks: skipped for pp > 1 or ZeRO-3 layouts (no rank holds the model)")
-            interval = 0
         if interval and cfg.parallel.sequence_parallel:
             say("[dlm] eval.tasks: skipped with sequence parallelism (hidden states are split)")
             interval = 0
-        group = None
-        if interval and rt.world_size > 1:
+        dp = DataParallel.single()
+        if interval and rt.dp > 1:  # the replicas split the requests; a replica's ranks do not
             from megatron.core import parallel_state
 
             group = parallel_state.get_data_parallel_group()
-        return cls(
-            engine.ds.module, cfg, interval=interval, tensor_parallel=rt.tp > 1, dp_group=group
-        )
+            dp = DataParallel(rt.dp_rank, rt.dp, group)
+        return cls(run, interval=interval, dp=dp)
 
     def due(self, step: int) -> bool:
         return bool(self.interval) and step % self.interval == 0
@@ -155,13 +141,12 @@ class TrainingTasks:
         if not self.due(step):
             return {}
         start = time.perf_counter()
-        metrics = run_tasks(
-            self.module, self.cfg, tensor_parallel=self.tensor_parallel, dp_group=self.dp_group
-        )
-        tracker.log_metrics(metrics, step=step)  # the tracker writes on rank 0 only
-        shown = {k: v for k, v in metrics.items() if not k.endswith("_per_s")}
-        say(
-            f"[dlm] step {step} tasks ({time.perf_counter() - start:.1f} s) "
-            + " ".join(f"{k}={v:.4g}" for k, v in shown.items())
-        )
+        metrics = run_tasks(self.run, dp=self.dp)
+        if self.run.rt.is_main:
+            tracker.log_metrics(metrics, step=step)
+            shown = {k: v for k, v in metrics.items() if not k.endswith("_per_s")}
+            say(
+                f"[dlm] step {step} tasks ({time.perf_counter() - start:.1f} s) "
+                + " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            )
         return metrics

@@ -1,6 +1,6 @@
 """Our model class for lm-evaluation-harness, registered as `dlm`:
 
-    import pretrain.evaluation  # registers "dlm"
+    import pretrain.evaluation.harness  # registers "dlm"
     lm_eval.simple_evaluate(model="dlm", model_args="path=runs/tiny,mc_samples=128", tasks=[...])
 
 Model arguments (all optional but `path`, or `model` from Python):
@@ -70,7 +70,7 @@ class DLMEvalHarness(TemplateLM):
         gen_length=256,
         pad_multiple=8,
         future_masks=False,
-        dp_group=None,
+        dp: DataParallel | None = None,
         max_batch_size=None,  # passed by simple_evaluate; batches are fixed-size here
     ):
         super().__init__()
@@ -81,7 +81,7 @@ class DLMEvalHarness(TemplateLM):
 
             model = load_eval_model(path, device=device, dtype=dtype, data=data)
         self.model = model
-        self.dp = DataParallel.from_environment(dp_group)
+        self.dp = dp or DataParallel.from_environment()
         self.mc_samples = _int(mc_samples, DEFAULT_MC_SAMPLES)
         self.batch_size = _int(batch_size, DEFAULT_BATCH_SIZE)
         self.seed = int(seed)

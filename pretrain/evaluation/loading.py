@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 
 from pretrain.errors import CheckpointError, ConfigError
-from pretrain.evaluation.backends import HFNet, MegatronNet
+from pretrain.evaluation.backends import EngineNet, HFNet, ModuleNet
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class EvalModel:
-    net: MegatronNet | HFNet
+    net: ModuleNet | EngineNet | HFNet
     diffusion: object
     """The `DiffusionConfig` the model was trained with."""
     seq_len: int
@@ -86,47 +86,49 @@ def load_eval_model(
 
 
 def load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype, data) -> EvalModel:
-    """Our training model at TP = PP = 1 with the checkpoint's canonical weights (the loader joins
-    the shards of whatever layout wrote it). Sets up torch.distributed and Megatron-core's groups
-    as `dlm probe` does (a world of one, or the torchrun world as data-parallel replicas)."""
-    from pretrain.hf.source import read_checkpoint
+    """Our training model at TP = PP = 1 through the project's loader (`load_model`: the
+    checkpoint's config rebuilds it, any layout's shards are joined, hashes verified), which
+    also sets up torch.distributed (a world of one, or the torchrun world as data-parallel
+    replicas)."""
     from pretrain.model.attention import get_attention_backend
-    from pretrain.model.transformer import build_model
-    from pretrain.parallel.runtime import init_runtime
-    from pretrain.probe.loading import resolve_checkpoint
+    from pretrain.probe.loading import load_model, resolve_checkpoint
 
-    trained = read_checkpoint(resolve_checkpoint(path), data_dir=data)
-    cfg = trained.config
-    cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1
-    cfg.parallel.sequence_parallel = False
-    cfg.train.device = device.type
-    cfg.train.precision = "auto"
-    cfg.model.compile = cfg.model.activation_checkpointing = False
-    if not get_attention_backend(cfg.model.attention_backend).supports_mask:
-        cfg.model.attention_backend = "sdpa"  # scoring needs padding masks; same weights
-    init_runtime(cfg)
-    tok = trained.tokenizer
-    if not tok.mask_token or tok.eos_id is None:
+    ckpt = resolve_checkpoint(path)
+    overrides = [
+        f"train.device={device.type}",
+        "model.compile=false",
+        "model.activation_checkpointing=false",
+        "parallel.sequence_parallel=false",
+    ]
+    if data is not None:
+        overrides.append(f"data.path={data}")
+    if not get_attention_backend(_recorded_backend(ckpt)).supports_mask:
+        overrides.append("model.attention_backend=sdpa")  # scoring needs patterns; same weights
+    loaded = load_model(ckpt, overrides)
+    cfg, tok = loaded.cfg, loaded.manifest.tokenizer
+    if tok.eos_id is None:
         raise CheckpointError(
-            f"{trained.path}: no tokenizer with mask and eos tokens recorded; evaluation needs "
-            "the training tokenizer (pass the dataset directory as data=DIR / --data DIR)"
+            f"{cfg.data.path}: the dataset's tokenizer has no eos token; evaluation pads and "
+            "stops generation with it"
         )
-    module = build_model(
-        cfg.model, vocab_size=trained.vocab_size, mask_token_id=tok.mask_id, params_dtype=dtype
-    )
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            param.copy_(trained.state[name])
-    module.to(device).eval()
+    module = loaded.module.to(device=device, dtype=dtype).eval()
+    loaded.tokenizer.encode_special_tokens = True  # a literal "<mask>" in a task is text
     return EvalModel(
-        net=MegatronNet(module),
+        net=ModuleNet(module),
         diffusion=cfg.diffusion,
         seq_len=cfg.data.seq_len,
         mask_id=tok.mask_id,
         eos_id=tok.eos_id,
-        tokenizer=_tokenizer(tok.file),
-        source=str(trained.path),
+        tokenizer=loaded.tokenizer,
+        source=str(ckpt),
     )
+
+
+def _recorded_backend(ckpt: Path) -> str:
+    from pretrain.config import load_config
+
+    parallel = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1"]
+    return load_config(ckpt / "config.yaml", parallel).model.attention_backend
 
 
 def load_export(path: Path, device: torch.device, dtype: torch.dtype) -> EvalModel:
@@ -163,18 +165,19 @@ def load_export(path: Path, device: torch.device, dtype: torch.dtype) -> EvalMod
     )
 
 
-def from_module(module, cfg, *, tensor_parallel: bool = False) -> EvalModel:
-    """The trainer's model (a `DLMTransformer`, this rank's TP shard) with the run's config; the
-    tokenizer and special ids come from the dataset manifest."""
-    from data_pipeline.manifest import Manifest
+def from_run(run) -> EvalModel:
+    """The model of a training run (`pretrain.run.Run`) through its engine (`Engine.infer`: any
+    layout; collective over each replica's ranks), with the run's config and tokenizer."""
+    from data_pipeline.tokenizer import load_tokenizer
 
-    tok = Manifest.load(cfg.data.path).tokenizer
+    cfg, data = run.cfg, run.data
+    tok = data.manifest.tokenizer
     return EvalModel(
-        net=MegatronNet(module, tensor_parallel=tensor_parallel),
+        net=EngineNet(run.engine, device=run.rt.device, vocab_size=data.vocab_size),
         diffusion=cfg.diffusion,
         seq_len=cfg.data.seq_len,
         mask_id=tok.mask_id,
         eos_id=tok.eos_id,
-        tokenizer=_tokenizer(Path(cfg.data.path) / tok.file),
+        tokenizer=_tokenizer(data.data_dir / tok.file),
         source=f"{cfg.run.name} (in training)",
     )

@@ -224,30 +224,36 @@ class Scorer:
             x0 = torch.where(valid, x0, self.layout.mask_id)
             valid = torch.ones_like(valid)
         inputs = self.layout.inputs(x0, hidden, valid)
-        device = self.net.device
-        states = self.net.hidden(
-            inputs.tokens.to(device),
-            attention_mask=inputs.attention_mask.to(device),
-            position_ids=None if inputs.position_ids is None else inputs.position_ids.to(device),
-        )  # [b, S or 2S, h]
         rows, cols = hidden.nonzero(as_tuple=True)  # the scored positions, row-major
         src = inputs.source[rows, cols]
-        targets = x0[rows, cols]
-        ce, hit = self._ce(states[rows.to(device), src.to(device)], targets.to(device))
+        device = self.net.device
+        read = scored_positions_read(
+            rows.to(device), src.to(device), x0[rows, cols].to(device), self.net.vocab_size
+        )
+        out = self.net.run(inputs.model, read, (2, rows.numel())).cpu()  # [2, m]
+        ce, hit = out[0].double(), out[1] > 0.5
         value = torch.zeros(b, dtype=torch.float64).index_add_(0, rows, ce * weights[rows, cols])
         wrong = torch.zeros(b, dtype=torch.long).index_add_(0, rows, (~hit).long())
         self.stats.forwards += 1
         self.stats.rows += b
         return value, wrong == 0
 
-    def _ce(self, states: torch.Tensor, targets: torch.Tensor):
-        """states [m, h], targets [m] -> (CE [m] float64 on the host, argmax == target [m])."""
-        chunk = max(1, LOGIT_CHUNK_BYTES // (4 * self.net.vocab_size))
-        ces = [torch.zeros(0, dtype=torch.float64)]
-        hits = [torch.zeros(0, dtype=torch.bool)]
+
+def scored_positions_read(rows, sources, targets, vocab_size: int):
+    """The `read` of a scoring forward: hidden [s, b, h] -> [2, m] fp32, the cross-entropy of
+    each scored position's target (from the hidden state at (sources[k], rows[k])) and whether
+    the target is the argmax. The logits of at most LOGIT_CHUNK_BYTES are made at once; under
+    tensor parallelism the head gathers the vocabulary slices (every TP rank runs these rows)."""
+    chunk = max(1, LOGIT_CHUNK_BYTES // (4 * vocab_size))
+
+    def read(hidden, head) -> torch.Tensor:
+        states = hidden[sources, rows]  # [m, h]
+        parts = [torch.zeros(2, 0, device=hidden.device)]
         for lo in range(0, states.shape[0], chunk):
-            logits = self.net.project(states[lo : lo + chunk])  # [c, V] fp32
+            logits = head.full_logits(states[lo : lo + chunk, None])[0]  # [c, V] fp32
             t = targets[lo : lo + chunk]
-            ces.append(F.cross_entropy(logits, t, reduction="none").double().cpu())
-            hits.append((logits.argmax(dim=-1) == t).cpu())
-        return torch.cat(ces), torch.cat(hits)
+            ce = F.cross_entropy(logits, t, reduction="none")
+            parts.append(torch.stack([ce, (logits.argmax(dim=-1) == t).float()]))
+        return torch.cat(parts, dim=1)
+
+    return read
