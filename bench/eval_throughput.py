@@ -265,7 +265,8 @@ def main(argv=None) -> int:
             report(f"harness-{task}", entry["requests"], entry["seconds"], wall_s=seconds)
     print("\n| bench | requests | seconds | requests/s |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['bench']} | {r['requests']} | {r['seconds']:.1f} | {r['requests_per_s']:.2f} |")
+        rate = r["requests_per_s"]
+        print(f"| {r['bench']} | {r['requests']} | {r['seconds']:.1f} | {rate:.2f} |")
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:

@@ -168,8 +168,6 @@ def load_export(path: Path, device: torch.device, dtype: torch.dtype) -> EvalMod
 def from_run(run) -> EvalModel:
     """The model of a training run (`pretrain.run.Run`) through its engine (`Engine.infer`: any
     layout; collective over each replica's ranks), with the run's config and tokenizer."""
-    from data_pipeline.tokenizer import load_tokenizer
-
     cfg, data = run.cfg, run.data
     tok = data.manifest.tokenizer
     return EvalModel(
