@@ -159,6 +159,31 @@ def test_generate_until_stops_at_stop_sequences_and_eos(lm):
     assert stopped >= 1  # a stop sequence was met (the test is not vacuous)
 
 
+def test_rolling_loglikelihood_is_the_sum_of_its_windows_bounds(lm):
+    """`loglikelihood_rolling`: a text within one window is one request after <eos>; a longer
+    one is cut into the harness's disjoint windows (every token predicted once), whose bounds
+    add up (each window's masks as when scored alone)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    short = "the dog sees the cats ."
+    long = " ".join(["the keys to the old cabinet are red ."] * 6)
+    ids = lm.model.encode(short)
+    requests = [Instance("loglikelihood_rolling", {}, (t,), 0) for t in (short, long)]
+    got = lm.loglikelihood_rolling(requests)
+    (alone,) = lm.scorer.score([Request((lm.model.eos_id,), tuple(ids))])
+    assert abs(got[0] - alone.loglik) < 1e-9
+    tokens = lm.model.encode(long)
+    assert len(tokens) > lm.max_length  # several windows
+    pieces = get_rolling_token_windows(tokens, lm.model.eos_id, lm.max_length - 1, 1)
+    windows = [make_disjoint_window(p) for p in pieces]
+    assert len(windows) > 1 and sum(len(c) for _, c in windows) == len(tokens)  # each once
+    assert all(len(ctx) + len(c) <= lm.max_length for ctx, c in windows)
+    parts = lm.scorer.score([Request(tuple(ctx), tuple(c)) for ctx, c in windows])
+    assert abs(got[1] - sum(s.loglik for s in parts)) < 1e-6
+    assert got[1] < got[0] < 0
+
+
 TASKS = ["dlm_agreement_long", "dlm_agreement_gen"]
 """A multiple-choice task (Monte-Carlo scored) and a generation task."""
 
