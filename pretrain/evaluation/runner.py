@@ -20,9 +20,10 @@ def evaluate_tasks(
     log_samples: bool = False,
 ) -> dict | None:
     """`lm_eval.simple_evaluate` on `lm` (a `DLMEvalHarness`); the harness's results dict with
-    our `dlm` section (Monte-Carlo standard errors, requests/s) on the process that reports
-    (LOCAL_RANK 0), None on the others. Every seed the harness takes (few-shot sampling, python,
-    numpy, torch) is `seed`."""
+    our `dlm` section (Monte-Carlo standard errors, requests/s), on every process: each one
+    holds every score (`DataParallel`), so the harness reports as rank 0 everywhere (None only
+    if it declines to report). Every seed the harness takes (few-shot sampling, python, numpy,
+    torch) is `seed`."""
     import lm_eval
 
     results = lm_eval.simple_evaluate(
