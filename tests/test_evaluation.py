@@ -184,6 +184,32 @@ def test_rolling_loglikelihood_is_the_sum_of_its_windows_bounds(lm):
     assert got[1] < got[0] < 0
 
 
+def test_the_documented_local_task_runs_from_an_include_path(lm, tmp_path):
+    """docs/evaluation.md's own example task (its YAML and its loader, copied out of the page)
+    with a jsonl beside them, through `--include-path` semantics: no network, any directory."""
+    from pretrain.evaluation.runner import evaluate_tasks
+
+    page = (REPO / "docs" / "evaluation.md").read_text()
+    blocks = {}
+    for block in page.split("```")[1::2]:
+        body = block.split("\n", 1)[1]
+        if body.startswith("# my_tasks/"):
+            blocks[body.split("\n", 1)[0].removeprefix("# my_tasks/")] = body
+    assert set(blocks) == {"capitals.yaml", "utils.py"}
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    for name, body in blocks.items():
+        (tasks / name).write_text(body)
+    rows = [
+        {"country": "the dog", "choices": [" likes tennis", " like tennis"], "answer": 0},
+        {"country": "the cats", "choices": [" sees the dog", " see the dog"], "answer": 1},
+    ]
+    (tasks / "capitals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = evaluate_tasks(lm, ["capitals"], include_paths=[tasks])
+    assert results["n-samples"]["capitals"]["effective"] == 2
+    assert results["dlm"]["tasks"]["capitals"]["requests"] == 4
+
+
 TASKS = ["dlm_agreement_long", "dlm_agreement_gen"]
 """A multiple-choice task (Monte-Carlo scored) and a generation task."""
 
