@@ -9,9 +9,9 @@ would call, on real text (the demo grammar's sentences, tokenized by a BPE train
   mc    `loglikelihood`: --mc-docs multiple-choice documents, each a --context-token passage
         then --choices whole-sentence continuations (HellaSwag/ARC-like lengths), --mc-samples
         Monte-Carlo samples per request
-  gen   `generate_until`: --gen-docs --prompt-token prompts, --gen-length new tokens committed
-        --tokens-per-step per sampler call (stop sequence "\\n\\n", never met by random weights:
-        every request decodes its full length)
+  gen   `generate_until`: --gen-docs prompts of --prompt tokens (one length: full batches),
+        --gen-length new tokens committed --tokens-per-step per sampler call (stop sequence
+        "\\n\\n", never met by random weights: every request decodes its full length)
 and, with --harness, the shipped local tasks through `lm_eval.simple_evaluate` (`dlm_agreement`,
 `dlm_agreement_gen`). Prints one JSON line per measurement and a table; appends them to --out.
 
@@ -127,10 +127,17 @@ def mc_requests(tok, args) -> list:
 
 
 def gen_requests(tok, args) -> list:
+    """Prompts of exactly `--prompt` tokens (passages cut at a token boundary, kept where the
+    cut text encodes back to that length), so that they decode in full batches: the decoder
+    batches prompts of one length (a bidirectional model must not see padding)."""
     from lm_eval.api.instance import Instance
 
     kwargs = {"until": ["\n\n"], "max_gen_toks": args.gen_length}
-    prompts = passages(tok, args.gen_docs, args.prompt, seed=3)
+    prompts = []
+    for text in passages(tok, 4 * args.gen_docs, args.prompt, seed=3):
+        cut = tok.decode(tok.encode(text).ids[: args.prompt])
+        if len(tok.encode(cut).ids) == args.prompt and len(prompts) < args.gen_docs:
+            prompts.append(cut)
     return [
         Instance("generate_until", {}, (p, dict(kwargs)), 0, metadata=("gen", doc, 1))
         for doc, p in enumerate(prompts)
