@@ -24,7 +24,7 @@ NELBO; the distance-bucketed CE with 95% bootstrap intervals and the far-bucket 
 against `linear` of the same seed; the prefix CE; the probe on held-out prompts; and generated
 continuations at several tokens per step (unigram / bigram statistics against the validation
 text, repetition). Output in --out: results.json (all numbers), table.md, ce_by_distance.png,
-probe.png, generation.png, per-run passes (passes_<run>.npz) and the runs themselves.
+probe.png, generation.png, per-run passes (passes/<run>.npz) and the runs themselves.
 """
 
 from __future__ import annotations
@@ -164,7 +164,9 @@ def measure(args, result, val, name: str) -> tuple[dict, dict, object]:
             samples=m["samples"],
         ),  # fmt: skip
     }
-    np.savez(args.out / f"passes_{name}.npz", prefix=prefix, **{
+    # Under passes/ so the report files (results.json, table.md, the figures) stay few at the top.
+    (args.out / "passes").mkdir(parents=True, exist_ok=True)
+    np.savez(args.out / "passes" / f"{name}.npz", prefix=prefix, **{
         k: v for k, v in passed.items() if isinstance(v, np.ndarray)
     })  # fmt: skip
     return summary, {"masked": passed, "prefix": prefix}, probe

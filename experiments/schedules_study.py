@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = REPO / "tests" / "data" / "tinyshakespeare.txt"
 CORPORA = {"grammar": REPO / "data/exp-grammar", "shakespeare": REPO / "data/exp-shakespeare"}
 SCHEDULES = ("linear", "distance")
 OUT = REPO / "runs/schedules"

@@ -20,7 +20,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+# Real English text (Shakespeare's plays, public domain; the 1.1 MB "tinyshakespeare" extract).
+SHAKESPEARE = REPO / "tests" / "data" / "tinyshakespeare.txt"
 TINY_SEQ_LEN = 32
 
 

@@ -99,7 +99,7 @@ def test_schedule_order_measures_distance_from_each_spans_context():
 
 def _model(runtime_vocab: int = V):
     from pretrain.config import ModelConfig
-    from pretrain.model.transformer import build_model
+    from pretrain.model.parallelize import build_model
 
     return build_model(
         ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=2, ffn_hidden_size=64),

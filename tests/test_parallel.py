@@ -225,3 +225,11 @@ def test_checkpoint_shards_are_written_by_every_rank(dp2):
         "pp": 1,
         "dp": 2,
     }
+
+
+def test_cpu_runtime_compiles_no_deepspeed_op(runtime):
+    """On CPU the DeepSpeed communicator starts without its JIT-built shared-memory op (a minute
+    of C++ per stale build, and a lock that a killed build leaves behind)."""
+    import deepspeed.comm.comm as ds_comm
+
+    assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None

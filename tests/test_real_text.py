@@ -1,19 +1,15 @@
-"""Training on real English text (tinyshakespeare from the shared data folder, when present)."""
+"""Training on real English text (tinyshakespeare, tests/data/)."""
 
 from __future__ import annotations
 
 import math
 
-import pytest
 from conftest import REPO, SHAKESPEARE, tiny_overrides
 
 from pretrain.config import load_config
 from pretrain.trainer import train
 
 
-@pytest.mark.skipif(
-    not SHAKESPEARE.is_file(), reason=f"real-text corpus not present at {SHAKESPEARE}"
-)
 def test_trains_on_tinyshakespeare(runtime, tmp_path):
     from data_pipeline.build import build_dataset
 

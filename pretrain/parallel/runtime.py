@@ -84,6 +84,24 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return precision
 
 
+def _skip_cpu_shm_op() -> None:
+    """Keep DeepSpeed's CPU communicator from JIT-compiling its shared-memory all-reduce.
+
+    DeepSpeed >= 0.16 builds the `deepspeed_shm_comm` C++ op whenever a communicator starts on the
+    CPU accelerator (about a minute of compiling on 2 cores, per process that finds the build
+    stale), and a process killed during the build leaves torch's extension lock behind, which
+    makes every later start wait on it forever. The op only serves DeepSpeed's
+    `inference_all_reduce`; our collectives are torch.distributed's (gloo). Marking the op
+    incompatible is what DeepSpeed itself does off Linux: the communicator then uses gloo only.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def init_runtime(cfg: Config) -> Runtime:
     """Initialise torch.distributed (if needed) and Megatron-core's parallel state."""
     import deepspeed
@@ -98,6 +116,8 @@ def init_runtime(cfg: Config) -> Runtime:
     device = resolve_device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        _skip_cpu_shm_op()  # before any DeepSpeed communicator starts (here or in initialize)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     topology = Topology.from_config(cfg, dist.get_world_size())
