@@ -34,7 +34,10 @@ runpy.run_path("bench/eval_throughput.py", run_name="__main__")
 
 def test_eval_bench_runs_on_the_cpu_without_the_harness_task_stack(tmp_path):
     out = tmp_path / "bench.jsonl"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # not this process's torch.distributed rendezvous (set by in-process tests before this one)
+    dist = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in dist}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "-c", RUN, "--cpu-smoke", "--out", str(out)],
         cwd=REPO,
