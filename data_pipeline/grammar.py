@@ -397,6 +397,21 @@ def check_agreement(sentence: str) -> AgreementResult:
     return AgreementResult(parsed=True, agrees=all(parser.checks), distance=distance)
 
 
+def main_verb_index(sentence: str) -> int | None:
+    """Word index of the main verb of a sentence that parses (trailing `` .`` optional), e.g. 4
+    in "the key to the cabinets is old ."; None when it does not parse."""
+    words = sentence.lower().split()
+    if words and words[-1] == ".":
+        words.pop()
+    try:
+        _Parser(words).sentence()
+    except _NoParse:
+        return None
+    parser = _Parser(words)
+    parser.subject(modify=True)  # the verb phrase starts where the subject ends
+    return parser.i
+
+
 def agreement_error_rate(texts: Iterable[str]) -> tuple[float, int]:
     """Fraction of parsed sentences in ``texts`` that violate agreement, and how many parsed.
 

@@ -8,6 +8,7 @@
     dlm plan CONFIG [--layout TPxPPxDP[:ZERO][/EP]] ...  per-GPU memory table for parallel layouts
     dlm probe CKPT --prompts P.jsonl --out DIR        information-decay probe (JSON + PNG)
     dlm generate CKPT --prompt TEXT ...               sample with the objective's own decoder
+    dlm eval CKPT_OR_EXPORT --tasks T1,T2 ...         lm-evaluation-harness tasks (MC likelihood)
     dlm ckpt convert CKPT --out DIR --tp T --pp P [--ep E]  re-shard a checkpoint for another layout
     dlm export CKPT OUT_DIR [--dtype D]               checkpoint -> Hugging Face model directory
     dlm import HF_DIR OUT_DIR                         HF Llama/Qwen2 causal LM -> our weights
@@ -163,6 +164,18 @@ def _run_import(args: argparse.Namespace) -> int:
     return run_import(args)
 
 
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from pretrain.evaluation.cli import add_eval_arguments
+
+    add_eval_arguments(parser)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from pretrain.evaluation.cli import run_eval_command
+
+    return run_eval_command(args)
+
+
 COMMANDS: dict[tuple[str, ...], Command] = {
     ("data", "build"): (
         "tokenize text/jsonl files (or the built-in demo corpus) into webdataset shards",
@@ -198,6 +211,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "generate text from a checkpoint with the sampler matching its training objective",
         lambda p: __import__("pretrain.probe.cli").probe.cli.add_generate_arguments(p),
         lambda a: __import__("pretrain.probe.cli").probe.cli.run_generate_command(a),
+    ),
+    ("eval",): (
+        "evaluate on lm-evaluation-harness tasks (Monte-Carlo likelihood bound, generation)",
+        _add_eval_arguments,
+        _run_eval,
     ),
     ("plan",): (
         "per-GPU memory of a config under parallel layouts (weights, grads, optimizer, activ.)",

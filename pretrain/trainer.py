@@ -14,6 +14,7 @@ import torch
 
 from pretrain.checkpoint.schedule import SaveSchedule
 from pretrain.config import Config, flatten, to_yaml
+from pretrain.evaluation.during_training import TrainingTasks
 from pretrain.evaluation.joint_consistency import joint_consistency
 from pretrain.evaluation.validation import evaluate
 from pretrain.guards import NonFiniteGuard, SpikeDetector
@@ -80,6 +81,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
         say(note)
     result = TrainResult(run_dir=run_dir, tracking_uri=tracker.uri, run_id=tracker.run_id)
     probe = TrainingProbe.build(run, say)  # eval.probe_interval > 0
+    tasks = TrainingTasks.build(run, say)  # eval.tasks every eval.task_interval steps
     end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
     window = MetricWindow()  # metrics stay on the device between log lines
     nonfinite = NonFiniteGuard(cfg.train.on_nonfinite, checkpoints_dir=ckpts.directory)
@@ -126,6 +128,8 @@ def train(cfg: Config, *, stop_at: int | None = None) -> TrainResult:
                 tracker.log_metrics(result.evals[done], step=done)
                 say(f"[dlm] step {done} eval " + _kv(result.evals[done]))
             probe.maybe_run(done, tracker, say)
+            if task_metrics := tasks.maybe_run(done, tracker, say):
+                result.evals.setdefault(done, {}).update(task_metrics)
             if save_now:
                 trainer_state = {
                     "data": data.stream.state_dict(),

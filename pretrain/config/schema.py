@@ -581,12 +581,29 @@ class EvalConfig:
     frequent_tokens: int = 20
     """Size of the high-frequency token set (most frequent ids in the validation data)."""
 
+    # -- benchmark tasks during training (pretrain/evaluation/during_training.py) -------------
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run every `task_interval` steps and logged to MLflow as
+    `tasks/<task>/<metric>` (e.g. [dlm_agreement]); empty: none."""
+    task_interval: int = 0
+    """Steps between task evaluations (0: never; `tasks` must then be empty)."""
+    task_limit: int | None = None
+    """Documents per task at each evaluation (null: all)."""
+    include_path: str | None = None
+    """Directory of extra task YAML files beside the project's own (pretrain/evaluation/tasks)."""
+    task_mc_samples: int = 32
+    """Monte-Carlo samples per likelihood request of the task evaluations."""
+
     def validate(self) -> None:
-        for key in ("probe_interval", "probe_prompt_count", "probe_prompt_tokens"):
+        for key in ("probe_interval", "probe_prompt_count", "probe_prompt_tokens", "task_interval"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
         if self.probe_masks <= 0 or self.frequent_tokens <= 0:
             raise ConfigError("eval.probe_masks and eval.frequent_tokens must be positive")
+        if self.task_mc_samples <= 0 or (self.task_limit is not None and self.task_limit <= 0):
+            raise ConfigError("eval.task_mc_samples and eval.task_limit must be positive")
+        if self.tasks and not self.task_interval:
+            raise ConfigError("eval.tasks is set but eval.task_interval is 0: set the interval")
         if not self.probe_field:
             raise ConfigError("eval.probe_field must name a field of the prompts' jsonl lines")
 
@@ -614,7 +631,8 @@ class Config:
     auxiliary: AuxiliaryConfig = field(default_factory=AuxiliaryConfig)
     """Joint-consistency auxiliary losses and their metric (none by default)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
-    """Diagnostics: the information-decay probe and distance-bucketed validation CE."""
+    """Diagnostics: the information-decay probe, distance-bucketed validation CE, and benchmark
+    tasks (lm-evaluation-harness) during training."""
 
     def _check_fp8_widths(self, tp: int) -> None:
         """FP8 GEMMs need each linear's input and output widths per TP rank in multiples of 16."""

@@ -13,7 +13,10 @@ class DLMConfig(PretrainedConfig):
     """Bidirectional Llama-style transformer trained as a masked diffusion LM.
 
     `vocab_size` is the number of embedding rows (padded); ids >= `prediction_vocab_size` and the
-    `mask_token_id` can never be predicted: their logits are -inf.
+    `mask_token_id` can never be predicted: their logits are -inf. `diffusion` records the
+    training objective and noise schedule (dlm-pretrain's `diffusion` config section), which
+    decide how the model is scored and sampled; None for exports that predate it (masked
+    diffusion with the linear schedule).
     """
 
     model_type = "dlm"
@@ -44,6 +47,7 @@ class DLMConfig(PretrainedConfig):
         router_score_function: str = "softmax",
         router_pre_softmax: bool = False,
         router_expert_bias: bool = False,
+        diffusion: dict | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -72,6 +76,7 @@ class DLMConfig(PretrainedConfig):
         self.router_score_function = router_score_function
         self.router_pre_softmax = router_pre_softmax
         self.router_expert_bias = router_expert_bias
+        self.diffusion = diffusion
         super().__init__(
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,

@@ -15,9 +15,11 @@ the directory is logged as an artifact of its MLflow run and registered as a mod
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,6 +41,8 @@ AUTO_MAP = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+"""Recorded in tokenizer_config.json, so that AutoTokenizer needs no model config to pick it."""
 
 
 def parse_size(text: str | int) -> int:
@@ -72,6 +76,8 @@ def hf_config(model: TrainedModel, dtype: str) -> dict:
         "mask_token_id": model.tokenizer.mask_id,
         "eos_token_id": model.tokenizer.eos_id,
         **moe_config(m),
+        # the objective and schedule, so that `dlm eval` scores an export as it was trained
+        "diffusion": asdict(model.config.diffusion),
         "architectures": ["DLMForMaskedLM"],
         "auto_map": AUTO_MAP,
         "dtype": dtype,
@@ -118,6 +124,7 @@ def write_weights(
     def flush() -> None:
         part = out / f"part-{len(parts):05d}.safetensors"
         save_file(shard, str(part), metadata={"format": "pt"})
+        make_readable(part)
         parts.append((part, list(shard)))
 
     for name, tensor in tensors:
@@ -142,6 +149,15 @@ def write_weights(
     return [*files, INDEX]
 
 
+def make_readable(path: Path) -> None:
+    """The mode an ordinary new file gets (0666 less the umask, 0644 by default): safetensors
+    creates its files 0600, which would leave the weights unreadable to the others who can read
+    the rest of the directory (a shared model store, an MLflow artifact server)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def write_tokenizer(model: TrainedModel, out: Path) -> None:
     """The training tokenizer as a `PreTrainedTokenizerFast` with its mask and eos tokens set."""
     from transformers import PreTrainedTokenizerFast
@@ -159,6 +175,13 @@ def write_tokenizer(model: TrainedModel, out: Path) -> None:
         model_max_length=model.config.data.seq_len,
     )
     tok.save_pretrained(str(out))
+    # transformers 5 records its backend class name; naming the fast class keeps the directory
+    # loadable by transformers 4, whose AutoTokenizer then skips the model config (whose
+    # auto_map would ask whether to run the custom code)
+    config_file = out / "tokenizer_config.json"
+    recorded = json.loads(config_file.read_text())
+    recorded["tokenizer_class"] = TOKENIZER_CLASS
+    config_file.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
 
 
 def export_checkpoint(

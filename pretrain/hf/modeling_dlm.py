@@ -38,8 +38,12 @@ class DLMRMSNorm(nn.Module):
         return normed.to(x.dtype) * self.weight
 
 
-def rotary_angles(config: DLMConfig, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [s, head_dim] of angle_{p,j} = p * theta^(-2j/d), both halves alike.
+def rotary_angles(
+    config: DLMConfig, seq_len: int, device, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [s, head_dim] of angle_{p,j} = p * theta^(-2j/d), both halves alike, for the
+    positions p = 0..s-1 or `position_ids` ([s], e.g. block diffusion's two copies 0..L-1 of
+    [x_t ; x0]; or [b, s], giving [b, 1, s, head_dim]).
 
     Computed per call rather than kept in a buffer: it is cheap, and nothing has to survive
     meta-device initialisation or dtype casts (angles are always fp32).
@@ -47,8 +51,12 @@ def rotary_angles(config: DLMConfig, seq_len: int, device) -> tuple[torch.Tensor
     d = config.head_dim
     exponents = torch.arange(0, d, 2, dtype=torch.float64, device=device) / d
     inv_freq = (1.0 / config.rope_theta**exponents).float()
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    if position_ids is None:
+        position_ids = torch.arange(seq_len, device=device)
+    freqs = position_ids.to(device, torch.float32)[..., None] * inv_freq  # [(b,) s, d/2]
     emb = torch.cat([freqs, freqs], dim=-1)
+    if emb.dim() == 3:
+        emb = emb[:, None]  # [b, 1, s, d]: broadcasts over heads
     return emb.cos(), emb.sin()
 
 
@@ -236,11 +244,12 @@ class DLMModel(DLMPreTrainedModel):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput:
         x = self.embed_tokens(input_ids)  # [b, s, h]
-        cos, sin = rotary_angles(self.config, input_ids.shape[1], input_ids.device)
+        cos, sin = rotary_angles(self.config, input_ids.shape[1], input_ids.device, position_ids)
         mask = attention_mask_4d(attention_mask)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -279,12 +288,16 @@ class DLMForMaskedLM(DLMPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
         """input_ids [b, s] -> logits [b, s, V]; `labels` [b, s] (-100 = ignored) give the mean
-        cross-entropy over the labelled positions."""
-        hidden = self.model(input_ids, attention_mask=attention_mask).last_hidden_state
+        cross-entropy over the labelled positions; `position_ids` ([s] or [b, s]) the RoPE
+        positions (default 0..s-1)."""
+        hidden = self.model(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
         logits = self.lm_head(hidden).masked_fill(self.excluded_ids(hidden.device), float("-inf"))
         loss = None
         if labels is not None:
