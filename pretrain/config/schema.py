@@ -99,6 +99,15 @@ class MoEConfig:
     def validate(self) -> None:
         if self.num_experts < 0:
             raise ConfigError(f"model.moe.num_experts must be >= 0, got {self.num_experts}")
+        # Ranges hold whether or not MoE is on: a bad value is an error even in a dense config.
+        for key in ("shared_expert_ffn_hidden_size", "aux_loss_coeff", "z_loss_coeff"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.moe.{key} must be >= 0, got {getattr(self, key)}")
+        if self.expert_bias_update_rate < 0:
+            raise ConfigError(
+                f"model.moe.expert_bias_update_rate must be >= 0, got "
+                f"{self.expert_bias_update_rate}"
+            )
         if not self.enabled:
             return
         if not 1 <= self.top_k <= self.num_experts:
@@ -114,14 +123,6 @@ class MoEConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"model.moe.{key} must be positive, got {value}")
-        for key in ("shared_expert_ffn_hidden_size", "aux_loss_coeff", "z_loss_coeff"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"model.moe.{key} must be >= 0, got {getattr(self, key)}")
-        if self.expert_bias_update_rate < 0:
-            raise ConfigError(
-                f"model.moe.expert_bias_update_rate must be >= 0, got "
-                f"{self.expert_bias_update_rate}"
-            )
         if self.expert_bias_update_rate and self.score_function != "sigmoid":
             raise ConfigError(
                 "model.moe.expert_bias_update_rate needs model.moe.score_function 'sigmoid' "
