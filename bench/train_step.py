@@ -12,6 +12,8 @@ Modes (each in its own process, so none inherits another's memory or compile cac
   ours+fp8-rowwise  the same with `model.fp8=rowwise`
   reference      `bench/reference.py`: fp32 weights, bf16 autocast, logits at every position,
                  fused AdamW, grad clipping, `torch.compile` of the whole model
+  reference+fp8  the reference with torchao's `convert_to_float8_training` (tensorwise) on every
+                 linear, the output layer included: what FP8 gives a hand-written step
   check          one batch through ours and through the reference loaded with our weights: the
                  two losses must agree within bf16 tolerance
   check+fp8      the same with ours in FP8 (tensorwise, eager): the loss's FP8 error at init
@@ -218,17 +220,20 @@ def run_ours(a, compile_layers: bool, fp8: str | None = None) -> dict:
     result["masked_fraction"] = sum(masked) / len(masked)
     result["flops_per_token"] = body + head * fraction  # masked rows per data token
     result["flops_per_token_all_positions"] = body + head * copies
-    # FP8 GEMMs: every linear of the layers and the head; attention is never FP8
+    # FP8 GEMMs: every linear of the layers, and the head's unless model.fp8_output_layer is
+    # off; attention is never FP8
     linear = result["flops_per_token"] - copies * attention_flops_per_token(
         cfg.model, copies * a.seq
     )
+    if not cfg.model.fp8_output_layer:
+        linear -= head * fraction
     result["fp8_flop_share"] = linear / result["flops_per_token"] if cfg.model.fp8 else 0.0
     result["fp8"] = cfg.model.fp8 or "off"
     result["params"] = sum(p.numel() for p in engine.ds.module.parameters())
     return result
 
 
-def run_reference(a) -> dict:
+def run_reference(a, fp8: str | None = None) -> dict:
     from reference import build_reference
 
     from pretrain.config.schema import padded_vocab_size
@@ -246,6 +251,21 @@ def run_reference(a) -> dict:
     torch.manual_seed(0)
     model = build_reference(cfg.model, vocab=data.vocab_size, padded_vocab=padded, mask_id=mask_id)
     model.to(a.device)
+    if fp8:  # torchao's module swap on the plain model: the FP8 bar a hand-written step reaches
+        import dataclasses
+
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        from pretrain.model.fp8 import emulation_requested
+
+        fp8_config = Float8LinearConfig.from_recipe_name(fp8)
+        if emulation_requested():  # CPU checks of this script: torchao's own emulation
+            fp8_config = dataclasses.replace(fp8_config, emulate=True)
+        convert_to_float8_training(
+            model,
+            config=fp8_config,
+            module_filter_fn=lambda m, _: all(d % 16 == 0 for d in m.weight.shape),
+        )
     cuda = a.device == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=cuda)
     forward = torch.compile(model)
@@ -268,6 +288,9 @@ def run_reference(a) -> dict:
 
     result = measure(step, a)
     result["flops_per_token"] = flops_per_token(cfg.model, padded, a.seq, 1.0)
+    attention = attention_flops_per_token(cfg.model, a.seq)
+    result["fp8_flop_share"] = 1 - attention / result["flops_per_token"] if fp8 else 0.0
+    result["fp8"] = fp8 or "off"
     result["params"] = sum(p.numel() for p in model.parameters())
     return result
 
@@ -369,6 +392,7 @@ RUNNERS = {
     "ours+fp8": lambda a: run_ours(a, True, "tensorwise"),
     "ours+fp8-rowwise": lambda a: run_ours(a, True, "rowwise"),
     "reference": run_reference,
+    "reference+fp8": lambda a: run_reference(a, "tensorwise"),
     "check": run_check,
     "check+fp8": lambda a: run_check(a, "tensorwise"),
 }
@@ -481,6 +505,8 @@ def main() -> None:
         else:  # the kernel list, and the host time to fetch and corrupt a batch
             keep = ("  ", "host", "first host sync", "no host sync", "idle gaps")
             print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(keep)))
+            # with TORCH_LOGS=recompiles: a recompilation inside the timed steps shows here
+            print("\n".join(ln[:300] for ln in proc.stderr.splitlines() if "ecompil" in ln))
             if "data_ms" in result:
                 print(f"data: {result['data_ms']:.1f} ms per batch on the host", flush=True)
         rows.append(row(mode, result))

@@ -81,7 +81,7 @@ def main(spec_path: str, out_path: str) -> None:
     results: dict = {"cases": [], "train": []}
     for case in spec["cases"]:
         tokens, positions = inputs(spec["vocab"], spec["mask"])
-        model_cfg = ModelConfig(**spec["model"], fp8=case["recipe"])
+        model_cfg = ModelConfig(**spec["model"], fp8=case["recipe"], fp8_output_layer=True)
         module = build(
             model_cfg,
             vocab=spec["vocab"],

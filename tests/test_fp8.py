@@ -41,6 +41,9 @@ RECIPES = ("tensorwise", "rowwise")
 
 
 def model_cfg(recipe: str = "off", **extra) -> ModelConfig:
+    """The output layer in FP8 too unless `extra` says otherwise (the default keeps it in bf16;
+    these tests cover every FP8 linear)."""
+    extra = {"fp8_output_layer": True, **extra}
     return ModelConfig(**SHAPE, fp8=False if recipe == "off" else recipe, **extra)
 
 
@@ -156,6 +159,36 @@ def test_fp8_layers_compile_into_one_graph(runtime, recipe):
     assert explained.graph_break_count == 0
 
 
+def test_the_heads_changing_row_count_compiles_once(runtime):
+    """The sparse head's row count changes every step (and is a multiple of 16 now and then):
+    one dynamic graph serves them all, no recompilation in the middle of a run."""
+    from torch._dynamo.testing import CompileCounter
+
+    plan = make_plan("tensorwise", "column", group_name=None, emulate=True, compiled=False)
+    w = torch.randn(32, 48).requires_grad_()
+    counter = CompileCounter()
+    compiled = torch.compile(fp8_linear, backend=counter, dynamic=True)
+    torch._dynamo.reset()
+    for rows in (37, 48, 50, 64, 81):
+        x = torch.randn(rows, 48, requires_grad=True)
+        y = compiled(x, w, plan)
+        y.sum().backward()
+        assert y.shape == (rows, 32)
+        torch.testing.assert_close(y, fp8_linear(x, w, plan), rtol=0, atol=0)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_the_output_layer_can_stay_in_bf16(runtime):
+    cfg = model_cfg("tensorwise", fp8_output_layer=False)
+    module = build(cfg, vocab=VOCAB, mask=MASK, seed=SEED, sequence_parallel=False)
+    converted = apply_fp8(module, cfg, device=CPU, emulate=True)
+    assert len(converted) == 4 * SHAPE["num_layers"] and "head.output_layer" not in converted
+    assert not isinstance(module.head.output_layer, Fp8LinearMixin)
+    tokens, positions = inputs(VOCAB, MASK)
+    assert torch.isfinite(case_loss(module, tokens, positions, True))
+
+
 def test_compile_flag_compiles_only_the_linears_outside_the_layers(runtime):
     cfg = model_cfg("tensorwise", compile=True)
     module = build(cfg, vocab=VOCAB, mask=MASK, seed=SEED, sequence_parallel=False)
@@ -256,9 +289,14 @@ def test_tp2_equals_one_process(runtime, demo_data, tmp_path, monkeypatch):
     """The same model and batch at TP2 and in one process, both in emulated FP8: with the TP
     group's amax (the default) equal within fp32 rounding, also with sequence parallelism and
     through the trainer (4 steps of configs/tiny.yaml at TP2 against one process); with
-    per-shard amaxes the tensorwise gradients differ at FP8 resolution."""
+    per-shard amaxes the tensorwise gradients differ at FP8 resolution.
+
+    The trainer runs have the output layer in FP8 as well: with it in full precision, the
+    vocab-parallel CE's fp32 rounding (TP2) differs from the single-rank CE's, and once the
+    optimizer has moved the weights such a difference can tip one of the trunk's FP8 roundings
+    (observed: equal losses at steps 1-2, 4e-5 and 8e-5 apart at steps 3-4)."""
     monkeypatch.setenv(fp8.EMULATE_ENV, "1")
-    steps = {"train.steps": 4, "model.fp8": "tensorwise"}
+    steps = {"train.steps": 4, "model.fp8": "tensorwise", "model.fp8_output_layer": True}
     run = tiny_overrides(demo_data, tmp_path, "tp2", **steps, **{"parallel.tensor_parallel": 2})
     spec = {"model": SHAPE, "vocab": VOCAB, "mask": MASK, "seed": SEED, "cases": TP_CASES}
     got = launch_worker(
@@ -318,7 +356,7 @@ def test_pp2_equals_one_process(runtime, demo_data, tmp_path, monkeypatch):
     """The pipeline engine's layers and head convert too: 4 steps at PP2 (2 processes) equal
     one process, both in emulated FP8."""
     monkeypatch.setenv(fp8.EMULATE_ENV, "1")
-    steps = {"train.steps": 4, "model.fp8": "rowwise"}
+    steps = {"train.steps": 4, "model.fp8": "rowwise", "model.fp8_output_layer": True}
     run = tiny_overrides(demo_data, tmp_path, "pp2", **steps, **{"parallel.pipeline_parallel": 2})
     spec = {"layout": ["parallel.pipeline_parallel=2"], "cases": [], "train": [run]}
     (pp2,) = launch_worker(spec, tmp_path)["train"]
@@ -331,7 +369,8 @@ def test_fp8_composes_with_activation_checkpointing_and_zero(
     runtime, demo_data, tmp_path, monkeypatch
 ):
     """Recomputed layers and ZeRO 0/3 give the losses of the plain FP8 run (the casts are
-    deterministic, the parameters are DeepSpeed's as usual)."""
+    deterministic, the parameters are DeepSpeed's as usual). The output layer is in FP8 too, as
+    in the TP test above, so that ZeRO-3's fp32 reduction order cannot tip an FP8 rounding."""
     monkeypatch.setenv(fp8.EMULATE_ENV, "1")
     variants = {
         "plain": {},
@@ -341,7 +380,8 @@ def test_fp8_composes_with_activation_checkpointing_and_zero(
     }
     losses = {}
     for name, extra in variants.items():
-        values = {"train.steps": 3, "model.fp8": "tensorwise", **extra}
+        values = {"train.steps": 3, "model.fp8": "tensorwise", "model.fp8_output_layer": True}
+        values |= extra
         losses[name] = train(
             load_config(TINY, tiny_overrides(demo_data, tmp_path, name, **values))
         ).losses

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 from pretrain.model.fp8 import EMULATE_ENV, Fp8LinearMixin
@@ -64,9 +65,9 @@ def test_bench_fp8_mode_reports_the_share_of_flops_in_fp8(runtime, bench, demo_d
     module = built["run"].engine.ds.module
     fp8 = [m for m in module.modules() if isinstance(m, Fp8LinearMixin)]
     head = module.head.output_layer
-    layers = sum(m.weight.numel() for m in fp8 if m is not head)
-    want = 6 * (layers + result["masked_fraction"] * head.weight.numel())
-    assert result["fp8"] == "tensorwise" and len(fp8) == 4 * 2 + 1
+    layers = sum(m.weight.numel() for m in fp8)
+    want = 6 * layers  # model.fp8_output_layer is off by default: the head's FLOPs are bf16
+    assert result["fp8"] == "tensorwise" and len(fp8) == 4 * 2 and head not in fp8
     assert result["fp8_flop_share"] == pytest.approx(want / result["flops_per_token"], rel=1e-9)
     assert 0.5 < result["fp8_flop_share"] < 1.0
     line = bench.row("ours+fp8", result)
@@ -76,12 +77,39 @@ def test_bench_fp8_mode_reports_the_share_of_flops_in_fp8(runtime, bench, demo_d
     assert 0 < check["rel_diff"] < 1e-2
 
 
+def test_bench_reference_fp8_mode_swaps_every_linear(runtime, bench, demo_data, monkeypatch):
+    """`reference+fp8`: the plain step with torchao's Float8Linear on every linear; the FP8
+    share is everything but attention."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    monkeypatch.setenv(EMULATE_ENV, "1")
+    import reference
+
+    built = {}
+    real_build = reference.build_reference
+
+    def build_reference(*args, **kwargs):
+        built["model"] = real_build(*args, **kwargs)
+        return built["model"]
+
+    monkeypatch.setattr(reference, "build_reference", build_reference)
+    a = bench_args(demo_data)
+    result = bench.RUNNERS["reference+fp8"](a)
+    linears = [m for m in built["model"].modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, Float8Linear) for m in linears)
+    assert result["fp8"] == "tensorwise" and result["tokens_per_s"] > 0
+    assert 0.5 < result["fp8_flop_share"] < 1.0
+    assert result["fp8_flop_share"] == pytest.approx(
+        1 - 12 * 2 * a.seq * 64 / result["flops_per_token"], rel=1e-9
+    )  # 12 L s d of attention, L = 2, d = 64 (TOY)
+
+
 def test_convergence_script_at_toy_size(demo_data, tmp_path):
     out = tmp_path / "conv"
     cmd = [
         sys.executable, str(REPO / "experiments" / "fp8_convergence.py"), "--data", str(demo_data),
         "--out", str(out), "--preset", "toy", "--device", "cpu", "--emulate-fp8", "--steps", "6",
-        "--tokens-per-step", "128", "--evals", "2", "--eval-batches", "1",
+        "--tokens-per-step", "128", "--evals", "2", "--eval-batches", "1", "--concurrent",
     ]  # fmt: skip
     # not this process's torch.distributed rendezvous (the `runtime` fixture's port is taken)
     dist = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -99,5 +127,6 @@ def test_convergence_script_at_toy_size(demo_data, tmp_path):
     rel = abs(final["fp8-tensorwise"] - final["fp32"]) / final["fp32"]
     assert summary["final_val_nelbo_rel_diff"] == pytest.approx(rel)
     assert 0 < rel < 0.05  # six steps of a toy model: a check of the script, not of FP8
+    assert summary["concurrent"] is True
     assert summary["tokens_per_run"] == 6 * 4 * 32  # 128 tokens per step = 4 sequences of 32
     assert (out / "fp8_convergence.png").stat().st_size > 10_000

@@ -161,6 +161,10 @@ class ModelConfig:
     master weights keep their precision, so checkpoints are the same. Needs torchao
     (`pip install '.[fp8]'`) and a GPU with FP8 tensor cores (CUDA capability >= 8.9);
     docs/performance.md."""
+    fp8_output_layer: bool = False
+    """With `model.fp8`: the output layer's GEMMs in FP8 too. Off by default: on the sparse
+    head (chunks of masked rows, recomputed in backward) its casts cost what its FP8 GEMMs
+    save (bench/README.md); the layers' linears are FP8 either way."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts MLPs (`model.moe.num_experts: 0` = dense)."""
 

@@ -215,12 +215,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, plan: Fp8Plan) -> torch.Te
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)  # [M, K]
     count = rows.shape[0]
-    pad = -count % ALIGN
-    if pad:
-        rows = F.pad(rows, (0, 0, 0, pad))
-    out = Fp8Matmul.apply(rows, weight, plan)
-    if pad:
-        out = out[:count]
+    # Padded even when `pad` is 0: a branch on it would be a guard on the row count, and the
+    # sparse head's count changes every step (a recompilation each time the guard flips).
+    rows = F.pad(rows, (0, 0, 0, -count % ALIGN))
+    out = Fp8Matmul.apply(rows, weight, plan)[:count]
     return out.reshape(*lead, out.shape[-1])
 
 
@@ -390,6 +388,8 @@ def apply_fp8(
             ):
                 raise ConfigError(f"model.fp8: no FP8 version of {type(linear).__name__} ({name})")
             continue
+        if id(linear) not in in_layers and not model.fp8_output_layer:
+            continue  # the output layer stays in bf16
         cls, kind = FP8_CLASSES[type(linear)]
         if not emulate and any(d % ALIGN for d in linear.weight.shape):
             raise ConfigError(

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The FP8 measurements of bench/README.md on one GPU machine, after `bash bench/gpu.sh setup`:
+#
+#   bash bench/fp8_gpu.sh speed OUT      seq 2048 x 8: reference, ours bf16, ours+fp8 (profiled;
+#                                        output layer in FP8, then in bf16); seq 4096 x 4: reference and
+#                                        ours+fp8 with the faster of the two output-layer choices
+#   bash bench/fp8_gpu.sh block OUT      block diffusion (FlexAttention) seq 2048 x 8: ours bf16
+#                                        and ours+fp8
+#   bash bench/fp8_gpu.sh convergence DATA OUT [ARGS...]
+#                                        experiments/fp8_convergence.py on shards DATA, both
+#                                        trainings at once (--concurrent)
+#
+# JSON lines and logs go under OUT. TORCH_LOGS=recompiles makes the benchmark print any
+# recompilation, which would land inside the timed steps.
+set -euo pipefail
+export PYTHONPATH="${SITE:-/tmp/site}:$PWD" TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+export TORCH_LOGS=recompiles
+BENCH=(python3 bench/train_step.py --config configs/llada-1b.yaml --warmup 12 --steps 20
+    --set optim.master_weights=fused --set parallel.zero_stage=0)
+
+case "${1:-}" in
+speed)
+    out=$2 && mkdir -p "$out"
+    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes reference,ours+compile --no-profile \
+        --out "$out/speed.jsonl" >"$out/speed-2048.log" 2>&1
+    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+fp8 \
+        --out "$out/speed.jsonl" >>"$out/speed-2048.log" 2>&1
+    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+fp8 --no-profile --label head-bf16 \
+        --set model.fp8_output_layer=false --out "$out/speed.jsonl" >>"$out/speed-2048.log" 2>&1
+    head=$(python3 - "$out/speed.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+speed = {r["label"]: r.get("tokens_per_s", 0) for r in rows if r["mode"] == "ours+fp8"}
+print("false" if speed.get("head-bf16", 0) > speed.get("", 0) else "true")
+EOF
+    )
+    echo "seq 4096: model.fp8_output_layer=$head (the faster at seq 2048)" >>"$out/speed-4096.log"
+    "${BENCH[@]}" --seq 4096 --micro-batch 4 --modes reference,ours+fp8 --no-profile \
+        --set "model.fp8_output_layer=$head" --out "$out/speed.jsonl" >>"$out/speed-4096.log" 2>&1
+    ;;
+block)
+    out=$2 && mkdir -p "$out"
+    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+compile,ours+fp8 --no-profile \
+        --set diffusion.objective=block --set model.attention_backend=flex --label block \
+        "${@:3}" --out "$out/block.jsonl" >"$out/block.log" 2>&1
+    ;;
+convergence)
+    data=$2 out=$3
+    shift 3
+    python3 experiments/fp8_convergence.py --data "$data" --out "$out" --concurrent "$@"
+    ;;
+*)
+    sed -n '2,13p' "$0"
+    exit 2
+    ;;
+esac
