@@ -156,7 +156,8 @@ class ModelConfig:
     """Priority order of PyTorch's fused attention kernels for the `sdpa` backend on GPU
     (`cudnn`, `flash`, `efficient`, `math`); the first one that supports the inputs runs."""
     fp8: Literal["tensorwise", "rowwise"] | Literal[False] = False
-    """FP8 matmuls (torchao float8 training, dynamic scaling) in every linear: `off` (YAML false,
+    """FP8 matmuls (torchao float8 training, dynamic scaling) in the transformer layers' linears
+    (the output layer too with `fp8_output_layer`): `off` (YAML false,
     the default), `tensorwise` (one scale per tensor) or `rowwise` (per row/column). Weights and
     master weights keep their precision, so checkpoints are the same. Needs torchao
     (`pip install '.[fp8]'`) and a GPU with FP8 tensor cores (CUDA capability >= 8.9);

@@ -1,7 +1,8 @@
 """FP8 matmuls in the Megatron-core linears (`model.fp8`), applied to a model after it is built.
 
 Every `ColumnParallelLinear` / `RowParallelLinear` of the model (attention QKV and output, MLP
-fc1/fc2, the output layer, also on its sparse masked-row path) computes
+fc1/fc2, and with `model.fp8_output_layer` the output layer, also on its sparse masked-row
+path) computes
 
     y [M, N] = x [M, K] @ W[N, K]^T        dx = dy @ W        dW = dy^T @ x
 
