@@ -315,6 +315,77 @@ def test_activation_checkpointing_recomputes_the_same_moe_step(runtime, demo_dat
         assert torch.allclose(a.full(name), b.full(name), atol=1e-6), name
 
 
+def test_recomputed_moe_layers_replay_the_forwards_routing(
+    runtime, demo_data, tmp_path, monkeypatch
+):
+    """A recomputed router whose logits are not the forward's (on a GPU a different kernel
+    choice in backward flips near-ties: `[144, 1024]` saved vs `[142, 1024]` recomputed) still
+    routes every token as the forward did, because the layer's top-k results are saved and
+    replayed (`moe.keep_routing`): the run equals the one that keeps activations. Here the
+    recomputed logits get a constant offset (no gradient through it) large enough to reroute
+    tokens; without the replay the same run fails on the changed shapes. The router losses are
+    off: their gradients are taken at the recomputed logits (on a GPU, last-bit different)."""
+    from torch.utils.checkpoint import CheckpointError, CheckpointPolicy
+
+    from pretrain.model import moe
+
+    real = moe.Router.gating
+
+    def gating(self, input):
+        logits = real(self, input)
+        # the same ops in the forward and its recomputation (selective checkpointing checks
+        # that), different values: an offset only when recomputing
+        n = logits.numel()
+        offset = torch.sin(torch.arange(n, device=logits.device, dtype=logits.dtype))
+        return logits + (2.0 if moe._in_backward() else 0.0) * offset.view_as(logits)
+
+    monkeypatch.setattr(moe.Router, "gating", gating)
+    extra = {**MOE, "model.moe.aux_loss_coeff": 0.0, "train.steps": 3}
+
+    def run(name, ckpt):
+        overrides = {**extra, "model.activation_checkpointing": ckpt}
+        return train(load_config(TINY, tiny_overrides(demo_data, tmp_path, name, **overrides)))
+
+    kept, replayed = run("kept", False), run("replayed", True)
+    assert replayed.losses == pytest.approx(kept.losses, abs=1e-6)
+    a, b = (CheckpointReader(r.checkpoint) for r in (kept, replayed))
+    for name in a.names():
+        assert torch.allclose(a.full(name), b.full(name), atol=1e-6), name
+    monkeypatch.setattr(moe, "keep_routing", lambda *_, **__: CheckpointPolicy.PREFER_RECOMPUTE)
+    with pytest.raises(CheckpointError, match="different metadata"):  # the GPU's failure
+        run("rerouted", True)
+
+
+def test_compiled_moe_layers_recompute_with_the_gradients_they_keep(runtime):
+    """Layers compiled one by one (`model.compile`) are recomputed without the routing replay:
+    selective checkpointing around a compiled MoE layer gave the experts' weights gradients up
+    to 10% off. Checkpointed and compiled, every gradient equals the eager one that keeps its
+    activations within 1e-5 of its largest magnitude (observed 6e-7)."""
+    from fp8_worker import build, case_loss, inputs
+
+    from pretrain.parallel.build import compile_model
+
+    shape = dict(hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=128)
+    moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=64)
+
+    def grads(ckpt: bool, compiled: bool):
+        model = ModelConfig(**shape, moe=moe, activation_checkpointing=ckpt, compile=compiled)
+        module = build(model, vocab=300, mask=299, seed=3, sequence_parallel=False)
+        module.train()
+        if compiled:
+            compile_model(module, load_config(TINY, ["model.compile=true"]))
+        tokens, positions = inputs(300, 299)
+        case_loss(module, tokens, positions, True).backward()
+        return {n: p.grad.clone() for n, p in module.named_parameters()}
+
+    torch._dynamo.reset()
+    kept, recomputed = grads(False, False), grads(True, True)
+    torch._dynamo.reset()
+    for name, g in kept.items():
+        worst = float((recomputed[name] - g).abs().max() / g.abs().max().clamp(min=1e-30))
+        assert worst <= 1e-5, (name, worst)
+
+
 def test_plan_prints_experts_per_gpu_and_dispatch_buffers(capsys):
     from launcher.cli import main
 

@@ -62,10 +62,28 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from torch.profiler import record_function
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 # Per-layer statistics a router accumulates between two metric reads, in this order:
 # routed assignments per expert (E values), then these scalars.
 STAT_SCALARS = ("forwards", "load_balancing_loss", "z_loss", "dropped", "assignments")
+
+
+def keep_routing(ctx, op, *args, **kwargs):
+    """Selective-checkpointing policy of an MoE layer: the routing decisions (every top-k: the
+    experts of each token, capacity dropping) are saved in the forward pass and replayed when
+    the layer is recomputed in backward; everything else is recomputed. A recomputed router
+    need not reproduce its logits to the last bit (another kernel choice on another thread is
+    enough to flip a near-tie), and a token routed differently changes the per-expert shapes
+    torch.utils.checkpoint checks."""
+    if op is torch.ops.aten.topk.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def routing_replay():
+    """`context_fn` for torch.utils.checkpoint of a layer with an MoE MLP (`keep_routing`)."""
+    return create_selective_checkpoint_contexts(keep_routing)
 
 
 def _in_backward() -> bool:

@@ -26,7 +26,7 @@ from pretrain.model.moe import (
     set_router_grad_scale,
 )
 from pretrain.model.sharding import initialize, mark_tensor_parallel
-from pretrain.model.transformer import DLMTransformer, OutputHead, megatron_config
+from pretrain.model.transformer import COMPILED, DLMTransformer, OutputHead, megatron_config
 from pretrain.parallel.engine import DataParallelEngine, Engine
 from pretrain.parallel.master_adamw import MasterWeightAdamW
 from pretrain.parallel.runtime import Runtime
@@ -156,6 +156,7 @@ def compile_model(module: torch.nn.Module, cfg: Config) -> None:
     for layer in module.modules():
         if isinstance(layer, TransformerLayer) and not trunk:
             layer.compile(mode=mode)
+            setattr(layer, COMPILED, True)
         elif isinstance(layer, OutputHead):
             layer.compile_loss()
 
