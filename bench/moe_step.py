@@ -36,14 +36,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import (  # noqa: E402 - the bench directory is put on the path just above
+from profiling import profiled  # noqa: E402 - the bench directory is put on the path just above
+from train_step import (  # noqa: E402
     PEAK_FLOPS,
     add_step_arguments,
     attention_flops_per_token,
     build_ours,
     ensure_data,
     measure,
-    profiled,
     report_child,
     run_child,
 )
@@ -53,7 +53,8 @@ STAGES = ("moe/router", "moe/dispatch", "moe/experts", "moe/combine")
 
 def overrides(a, mode: str) -> list[str]:
     # One GPU: no expert parallelism; no activation checkpointing in either mode (on CUDA the
-    # MoE layer's recomputation routed tokens differently: docs/moe.md, known problems).
+    # MoE layer's recomputation routed tokens differently; the routing replay that fixes it
+    # has not been run on a GPU yet: docs/moe.md).
     common = ["parallel.expert_parallel=1", "model.activation_checkpointing=false"]
     if mode == "moe":
         return [
