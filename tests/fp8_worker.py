@@ -55,7 +55,7 @@ def full_gradients(module) -> dict[str, torch.Tensor]:
     """Canonical name -> the full gradient, gathered over the TP group."""
     from megatron.core import parallel_state
 
-    from pretrain.model.sharding import shard_spec, unshard
+    from pretrain.model.sharding import canonical_expert_name, shard_spec, unshard
 
     group = parallel_state.get_tensor_model_parallel_group()
     tp = torch.distributed.get_world_size(group)
@@ -63,12 +63,13 @@ def full_gradients(module) -> dict[str, torch.Tensor]:
     for name, param in module.named_parameters():
         pieces = [torch.empty_like(param.grad) for _ in range(tp)]
         torch.distributed.all_gather(pieces, param.grad.contiguous(), group=group)
-        out[name] = unshard(pieces, shard_spec(name))
+        canonical = canonical_expert_name(name, ep_rank=0, local_experts=0)  # no EP here
+        out[name] = unshard(pieces, shard_spec(canonical))
     return out
 
 
 def main(spec_path: str, out_path: str) -> None:
-    from pretrain.config import ModelConfig, load_config
+    from pretrain.config import ModelConfig, MoEConfig, load_config
     from pretrain.model.fp8 import apply_fp8
     from pretrain.parallel.runtime import init_runtime
 
@@ -81,7 +82,9 @@ def main(spec_path: str, out_path: str) -> None:
     results: dict = {"cases": [], "train": []}
     for case in spec["cases"]:
         tokens, positions = inputs(spec["vocab"], spec["mask"])
-        model_cfg = ModelConfig(**spec["model"], fp8=case["recipe"], fp8_output_layer=True)
+        shape = dict(spec["model"])
+        moe = MoEConfig(**shape.pop("moe", {}))
+        model_cfg = ModelConfig(**shape, moe=moe, fp8=case["recipe"], fp8_output_layer=True)
         module = build(
             model_cfg,
             vocab=spec["vocab"],

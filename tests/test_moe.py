@@ -82,7 +82,6 @@ def small(**moe) -> ModelConfig:
             {**MOE, "parallel.expert_parallel": 2, "optim.master_weights": "deepspeed"},
             "parallel.expert_parallel > 1 needs the fused optimizer",
         ),
-        ({**MOE, "model.fp8": "tensorwise"}, "model.moe with model.fp8 is not supported"),
     ],
 )
 def test_bad_moe_config_is_a_one_line_error(overrides, message):

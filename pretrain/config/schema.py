@@ -413,11 +413,6 @@ class Config:
                 "model.moe with parallel.sequence_parallel is not supported yet: the MoE "
                 "layers take every token on each tensor-parallel rank"
             )
-        if self.model.fp8:
-            raise ConfigError(
-                "model.moe with model.fp8 is not supported yet: the expert linears have no "
-                "FP8 path (their token counts vary per rank and step)"
-            )
         tp = self.parallel.tensor_parallel
         for what, width in (
             ("model.moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size or 0),

@@ -216,6 +216,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, plan: Fp8Plan) -> torch.Te
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)  # [M, K]
     count = rows.shape[0]
+    if count == 0:  # an expert no token was routed to: no amax to take, nothing to multiply
+        # (every TP rank of an expert has the same tokens, so none of them waits for the
+        # others' amax reduction)
+        return x @ weight.t()
     # Padded even when `pad` is 0: a branch on it would be a guard on the row count, and the
     # sparse head's count changes every step (a recompilation each time the guard flips).
     rows = F.pad(rows, (0, 0, 0, -count % ALIGN))
