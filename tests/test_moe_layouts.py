@@ -8,9 +8,10 @@ the same config and seed whose micro-batch holds the same global batch. The MoE 
 top-2 of 4 experts with a shared expert, the load-balancing loss and the z-loss on; a second
 variant balances with the auxiliary-loss-free expert bias (sigmoid scores) and puts experts in
 every other layer only (so under PP2 one stage holds no experts); at EP2 x TP2 the "moe" variant
-also runs with activation checkpointing, against the same single process without it. A
-checkpoint written at EP2 x DP4 resumes in one process (EP1) as the uninterrupted run continues,
-and `ckpt convert --ep` places each expert on its EP rank's files.
+also runs with activation checkpointing, against the same single process without it; TP2 with
+sequence parallelism (the MoE layers gather the sequence, the shared expert has a gate) runs a
+third variant. A checkpoint written at EP2 x DP4 resumes in one process (EP1) as the
+uninterrupted run continues, and `ckpt convert --ep` places each expert on its EP rank's files.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ VARIANTS: dict[str, dict] = {
     },
     "block": {**MOE, "diffusion.objective": "block", "diffusion.block_length": 8},
     "moe-ckpt": {**MOE, "model.activation_checkpointing": True},
+    "gate": {**MOE, "model.moe.shared_expert_gate": True},
 }
 SAME_AS = {"moe-ckpt": "moe"}
 """Variants compared with another's single-process run: recomputed layers (replaying their
@@ -68,6 +70,7 @@ LAYOUTS = {
     "ep2-dp4": (4, EP2, ["moe"], 2),
     "ep2xtp2": (4, {**EP2, "parallel.tensor_parallel": 2}, ["moe", "moe-ckpt"], 4),
     "ep2xpp2": (4, {**EP2, "parallel.pipeline_parallel": 2}, ["bias", "block"], 4),
+    "tp2-sp": (2, {"parallel.tensor_parallel": 2, "parallel.sequence_parallel": True}, ["gate"], 8),
 }
 
 
@@ -93,8 +96,12 @@ class _Jobs(dict):
     def __missing__(self, layout):
         nproc, extra, names, micro = LAYOUTS[layout]
         work = self.paths.mktemp(layout)
+        sp = bool(extra.get("parallel.sequence_parallel"))  # the worker's CPU buffer patch
         runs = [
-            {"overrides": overrides(self.data, work, n, micro, **extra, **VARIANTS[n])}
+            {
+                "overrides": overrides(self.data, work, n, micro, **extra, **VARIANTS[n]),
+                "cpu_sequence_parallel": sp,
+            }
             for n in names
         ]
         if layout == "ep2-dp4":  # interrupted at HALF: resumed at EP1 below

@@ -408,11 +408,6 @@ class Config:
                 "'fused' or 'auto' with parallel.zero_stage 0 or 1): expert gradients are "
                 "reduced over the ranks holding the same experts only"
             )
-        if self.parallel.sequence_parallel:
-            raise ConfigError(
-                "model.moe with parallel.sequence_parallel is not supported yet: the MoE "
-                "layers take every token on each tensor-parallel rank"
-            )
         tp = self.parallel.tensor_parallel
         for what, width in (
             ("model.moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size or 0),

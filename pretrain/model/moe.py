@@ -45,7 +45,10 @@ import torch
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -360,14 +363,27 @@ class MoEBlock(MegatronModule):
             # reduces them by `expert_parallel` instead
             if hasattr(p, "allreduce"):
                 del p.allreduce
+        self.sequence_parallel = config.sequence_parallel
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size:
+            # the shared experts take the gathered sequence like the routed ones (forward), so
+            # they are built as without sequence parallelism: their linears do not gather or
+            # scatter again, and the gate's weight sees every token (its gradient whole)
+            shared = copy.copy(config)
+            shared.sequence_parallel = False
             self.shared_experts = SharedExpertMLP(
-                config, submodules, gate=config.moe_shared_expert_gate, pg_collection=pg_collection
+                shared, submodules, gate=config.moe_shared_expert_gate, pg_collection=pg_collection
             )
         self.dispatcher = ExpertDispatcher(config.num_moe_experts, pg_collection.ep, ep, ep_rank)
 
     def forward(self, hidden: torch.Tensor, padding_mask=None, **kwargs):
+        local = hidden  # [s/tp, b, h] under sequence parallelism
+        if self.sequence_parallel:
+            # every TP rank routes every token (as without sequence parallelism); the gradient
+            # reaching the gathered tokens is whole on each rank, so backward keeps the slice
+            hidden = gather_from_sequence_parallel_region(
+                local, tensor_parallel_output_grad=False, group=self.tp_group
+            )
         s, b, h = hidden.shape
         # the ranges name the stages in profiles (bench/moe_step.py); nearly free otherwise
         with record_function("moe/router"):
@@ -383,11 +399,16 @@ class MoEBlock(MegatronModule):
         with record_function("moe/experts"):
             out, _ = self.experts(x, per_expert, x_probs)  # TP-partial sums, probs applied
         with record_function("moe/combine"):
-            out = self.dispatcher.combine(out)
-            out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
-            out = out.view(s, b, h)
+            out = self.dispatcher.combine(out).view(s, b, h)  # TP-partial sums
+            if self.sequence_parallel:  # summed over TP and cut back to this rank's slice
+                out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
+            else:
+                out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(hidden)
+            shared = self.shared_experts(hidden)  # [s, b, h], whole on every TP rank
+            if self.sequence_parallel:  # backward all-gathers: the whole gradient on each rank
+                shared = scatter_to_sequence_parallel_region(shared, group=self.tp_group)
+            out = out + shared
         return out, None
 
     def set_layer_number(self, layer_number: int) -> None:
