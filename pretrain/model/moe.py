@@ -29,8 +29,9 @@ stage's router losses get their gradient with the stage's own backward, and the 
 recipe's loss) never has to know about them. Their values are kept for the metrics
 (`pretrain.model.moe_metrics`).
 
-Tensor parallelism: tokens are replicated over the TP ranks (no sequence parallelism), every
-TP rank routes them identically and holds a TP slice of every one of its experts (Megatron's
+Tensor parallelism: tokens are replicated over the TP ranks (under sequence parallelism the
+block all-gathers the sequence first and reduce-scatters its output), every TP rank routes
+them identically and holds a TP slice of every one of its experts (Megatron's
 expert linears skip their own TP communication), so the expert path (tokens and routing
 probabilities) enters through `copy_to_tensor_model_parallel_region` and leaves through one
 `reduce_from_tensor_model_parallel_region`, as a dense MLP's linears do.
