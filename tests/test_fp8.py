@@ -364,6 +364,19 @@ def test_tp2_equals_one_process(runtime, demo_data, tmp_path, monkeypatch):
     assert max(abs(tp2[s] - single.losses[s]) for s in tp2) <= 1e-5
 
 
+def test_moe_in_fp8_with_recomputed_layers(runtime, demo_data, tmp_path, monkeypatch):
+    """FP8 casts inside a recomputed MoE layer (its routing replayed by selective
+    checkpointing): the losses of the run that keeps its activations."""
+    monkeypatch.setenv(fp8.EMULATE_ENV, "1")
+    losses = {}
+    for ckpt in (False, True):
+        values = {"train.steps": 3, "model.fp8": "tensorwise", **MOE_OVERRIDES}
+        values["model.activation_checkpointing"] = ckpt
+        overrides = tiny_overrides(demo_data, tmp_path, f"moe-ckpt-{ckpt}", **values)
+        losses[ckpt] = train(load_config(TINY, overrides)).losses
+    assert max(abs(losses[True][s] - losses[False][s]) for s in losses[False]) <= 1e-6
+
+
 def test_moe_in_fp8_at_tp2_equals_one_process(runtime, demo_data, tmp_path, monkeypatch):
     """MoE in FP8: the experts' amaxes are all-reduced over the expert tensor-parallel group
     (every TP rank holds a slice of every expert and the same tokens), so one forward and
