@@ -248,7 +248,18 @@ def main() -> None:
     if a.emulate_fp8:
         env["DLM_FP8_EMULATE"] = "1"
     names = ["bf16" if a.device == "cuda" else "fp32", f"fp8-{a.recipe}"]  # CPU trains in fp32
-    procs = {}
+    procs, runs = {}, {}
+
+    def finish(name: str) -> None:
+        """Wait for one training; its result, or exit with its log (the others stopped)."""
+        if procs[name].wait():
+            for other in procs.values():
+                other.kill()
+            log = (a.out / name / "train.log").read_text()[-3000:]
+            sys.exit(f"{name} failed (exit {procs[name].returncode}):\n{log}")
+        runs[name] = json.loads((a.out / name / "result.json").read_text())
+        print(f"[fp8-convergence] {name}: {runs[name]['seconds']:.0f} s", flush=True)
+
     for name in names:
         (a.out / name).mkdir(parents=True, exist_ok=True)
         log = a.out / name / "train.log"
@@ -256,15 +267,11 @@ def main() -> None:
         print(f"[fp8-convergence] {name}: training, log in {log}", flush=True)
         with open(log, "w") as f:
             procs[name] = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-        if not a.concurrent:
-            procs[name].wait()
-    runs = {}
-    for name, proc in procs.items():
-        if proc.wait():
-            log = (a.out / name / "train.log").read_text()[-3000:]
-            sys.exit(f"{name} failed (exit {proc.returncode}):\n{log}")
-        runs[name] = json.loads((a.out / name / "result.json").read_text())
-        print(f"[fp8-convergence] {name}: {runs[name]['seconds']:.0f} s", flush=True)
+        if not a.concurrent:  # one after the other: a failed first run starts no second
+            finish(name)
+    for name in names:
+        if name not in runs:
+            finish(name)
     summary = compare(runs, warmup=max(1, a.steps // 10))
     summary |= {"recipe": a.recipe, "preset": a.preset, "steps": a.steps, "data": str(a.data)}
     summary["concurrent"] = a.concurrent  # both on one GPU at once: their tokens/s are not speeds
