@@ -47,8 +47,8 @@ def model_cfg(recipe: str = "off", **extra) -> ModelConfig:
     return ModelConfig(**SHAPE, fp8=False if recipe == "off" else recipe, **extra)
 
 
-def loss_and_grads(recipe: str, sparse: bool = True, **apply):
-    cfg = model_cfg(recipe)
+def loss_and_grads(recipe: str, sparse: bool = True, moe: MoEConfig | None = None, **apply):
+    cfg = model_cfg(recipe) if moe is None else model_cfg(recipe, moe=moe)
     module = build(cfg, vocab=VOCAB, mask=MASK, seed=SEED, sequence_parallel=False)
     converted = apply_fp8(module, cfg, device=CPU, emulate=True, **apply)
     tokens, positions = inputs(VOCAB, MASK)
@@ -134,32 +134,22 @@ def test_a_linear_with_no_rows(runtime):
         assert torch.equal(w.grad, torch.zeros_like(w))
 
 
-MOE = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=64, shared_expert_ffn_hidden_size=32)
-MOE_OVERRIDES = {
-    "model.moe.num_experts": 4,
-    "model.moe.top_k": 2,
-    "model.moe.expert_ffn_hidden_size": 64,
-    "model.moe.shared_expert_ffn_hidden_size": 32,
-}
+MOE_FIELDS = dict(
+    num_experts=4, top_k=2, expert_ffn_hidden_size=64, shared_expert_ffn_hidden_size=32
+)
+MOE = MoEConfig(**MOE_FIELDS)
+MOE_OVERRIDES = {f"model.moe.{k}": v for k, v in MOE_FIELDS.items()}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_moe_experts_run_in_fp8(runtime, recipe):
     """The routed and the shared experts' linears convert too (variable token counts per
     expert, padded to 16 rows); against fp32 within the model tolerances above."""
-    cfg0, cfg = model_cfg("off", moe=MOE), model_cfg(recipe, moe=MOE)
-    runs = []
-    for c in (cfg0, cfg):
-        module = build(c, vocab=VOCAB, mask=MASK, seed=SEED, sequence_parallel=False)
-        converted = apply_fp8(module, c, device=CPU, emulate=True)
-        tokens, positions = inputs(VOCAB, MASK)
-        loss = case_loss(module, tokens, positions, True)
-        loss.backward()
-        runs.append((float(loss), {n: p.grad.clone() for n, p in module.named_parameters()}))
+    loss0, grads0, _, _ = loss_and_grads("off", moe=MOE)
+    loss, grads, converted, _ = loss_and_grads(recipe, moe=MOE)
     experts = [n for n in converted if ".mlp.experts." in n or ".mlp.shared_experts." in n]
     per_layer = 2 * (MOE.num_experts + 1)  # fc1 and fc2 of each routed and the shared expert
     assert len(experts) == per_layer * SHAPE["num_layers"]
-    (loss0, grads0), (loss, grads) = runs
     assert abs(loss - loss0) <= 1e-3 * abs(loss0)
     errors = {n: float((g - grads0[n]).norm() / grads0[n].norm()) for n, g in grads.items()}
     assert max(errors.values()) <= 0.2, errors
@@ -386,25 +376,19 @@ def test_moe_in_fp8_at_tp2_equals_one_process(runtime, demo_data, tmp_path, monk
     an FP8 rounding or a routing decision near a tie can tip, and tokens then take other
     experts; the dense model, with no routing, stays within 1e-5 (test_tp2_equals_one_process)."""
     monkeypatch.setenv(fp8.EMULATE_ENV, "1")
-    moe = {k.removeprefix("model.moe."): v for k, v in MOE_OVERRIDES.items()}
     case = {"recipe": "tensorwise", "tp_scales": "group", "sequence_parallel": False}
     case["sparse"] = True
     steps = {"train.steps": 4, "model.fp8": "tensorwise", "model.fp8_output_layer": True}
     steps |= MOE_OVERRIDES
     run = tiny_overrides(demo_data, tmp_path, "moe-tp2", **steps, **{"parallel.tensor_parallel": 2})
-    spec = {"model": {**SHAPE, "moe": moe}, "vocab": VOCAB, "mask": MASK, "seed": SEED}
+    spec = {"model": {**SHAPE, "moe": MOE_FIELDS}, "vocab": VOCAB, "mask": MASK, "seed": SEED}
     spec |= {"layout": ["parallel.tensor_parallel=2"], "cases": [case], "train": [run]}
     got = launch_worker(spec, tmp_path)
-    cfg = model_cfg("tensorwise", moe=MOE)
-    module = build(cfg, vocab=VOCAB, mask=MASK, seed=SEED, sequence_parallel=False)
-    apply_fp8(module, cfg, device=CPU, emulate=True)
-    tokens, positions = inputs(VOCAB, MASK)
-    loss = case_loss(module, tokens, positions, True)
-    loss.backward()
+    loss, grads, _, _ = loss_and_grads("tensorwise", moe=MOE)
     (result,) = got["cases"]
-    assert abs(result["loss"] - float(loss)) <= 1e-6 * abs(float(loss))
-    for name, p in module.named_parameters():
-        worst = float((result["grads"][name] - p.grad).abs().max() / p.grad.abs().max())
+    assert abs(result["loss"] - loss) <= 1e-6 * abs(loss)
+    for name, g in grads.items():
+        worst = float((result["grads"][name] - g).abs().max() / g.abs().max())
         assert worst <= 1e-5, (name, worst)
     single = train(load_config(TINY, tiny_overrides(demo_data, tmp_path, "moe-tp1", **steps)))
     (tp2,) = got["train"]
