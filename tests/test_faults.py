@@ -162,13 +162,33 @@ def test_no_checkpoint_verifies_is_one_line_and_touches_nothing(base, tmp_path, 
     assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
 
 
-def test_a_missing_latest_refuses_a_fresh_start_over_complete_checkpoints(base, tmp_path, capsys):
+def test_a_missing_latest_resumes_the_newest_checkpoint_that_verifies(base, tmp_path, capsys):
+    """A kill between sealing a run's first checkpoint and writing `latest` leaves exactly this:
+    step 4 complete, no pointer. The run resumes there (a fresh start would overwrite it) and
+    then equals the uninterrupted run."""
     ckpts = copy_run(base, tmp_path)
     (ckpts / "latest").unlink()
+    shutil.rmtree(step(ckpts, 8))
+    capsys.readouterr()
+    result = train(load_config(TINY, tiny_overrides(base["data"], tmp_path, "r")))
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if "no 'latest' pointer" in line]
+    assert len(warnings) == 1 and "resuming from step_00000004 instead" in warnings[0], out
+    assert "resumed at step 4" in out
+    assert result.losses == {s: base["losses"][s] for s in (5, 6, 7, 8)}  # bit for bit
+    assert read_latest(ckpts) == "step_00000008"
+
+
+def test_a_missing_latest_skips_a_damaged_newest_and_refuses_when_none_verifies(base, tmp_path):
+    ckpts = copy_run(base, tmp_path)
+    (ckpts / "latest").unlink()
+    flip_byte(step(ckpts, 8))
+    path, note = CheckpointManager(ckpts, keep_last=3).resume_point()
+    assert path == step(ckpts, 4) and "no 'latest' pointer" in note, note
+    truncate(step(ckpts, 4))
     before = {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")}
-    err = one_line_error(capsys, ["train", str(TINY), *tiny_overrides(base["data"], tmp_path, "r")])
-    assert f"{ckpts}: holds complete checkpoints (step_00000004 .. step_00000008)" in err
-    assert "no 'latest' pointer" in err and "write a checkpoint's name into" in err
+    with pytest.raises(CheckpointError, match="no checkpoint in .* verifies \\(2 complete\\)"):
+        CheckpointManager(ckpts, keep_last=3).resume_point()
     assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
 
 

@@ -14,8 +14,9 @@ rank hashes the files it wrote, then rank 0 writes the marker, renames the direc
 (atomic on POSIX) and only then replaces `latest` (unique temporary file + os.replace). A crash
 at any point leaves the previous checkpoint and `latest` untouched. Loading verifies the marker,
 the file set, sizes and hashes (`marker.py`); `resume_point` falls back to the newest checkpoint
-that verifies when `latest` does not. Pruning removes only what this process wrote, or anything
-stale while this process holds the run lock (`runlock.py`): no other trainer can be writing then.
+that verifies when `latest` does not, or is missing (a crash between the rename and the
+pointer). Pruning removes only what this process wrote, or anything stale while this process
+holds the run lock (`runlock.py`): no other trainer can be writing then.
 
 With `background` (`train.checkpoint_async`) the same writes, hashes, seal and pruning run on a
 thread after a host snapshot taken on the training step (`background.py`).
@@ -187,9 +188,11 @@ class CheckpointManager:
         Collective under torch.distributed (every rank calls it, and all get the same answer):
         rank 0 reads `latest` and lists the checkpoints, every rank hashes its share of the
         files. The checkpoint `latest` names is used when it verifies; otherwise the newest
-        checkpoint that does, and the note says so. Raises `CheckpointError` when checkpoints
-        exist but none verifies, or when `latest` is missing or invalid beside complete
-        checkpoints (a fresh start would overwrite them).
+        checkpoint that does, and the note says so. Without `latest` beside complete
+        checkpoints (a save killed between sealing its directory and writing the pointer, e.g.
+        the run's first save) the newest that verifies, with a note: a fresh start would
+        overwrite them. Raises `CheckpointError` when checkpoints exist but none verifies, or
+        when `latest` is invalid.
         """
         rank, world = _world()
         listing = None
@@ -202,20 +205,15 @@ class CheckpointManager:
         latest, names, error = _from_rank0(listing)
         if error:
             raise CheckpointError(error)
-        if latest is None:
-            if names:
-                raise CheckpointError(
-                    f"{self.directory}: holds complete checkpoints ({names[0]} .. {names[-1]}) "
-                    f"but no '{LATEST}' pointer, and a fresh start would overwrite them; to "
-                    f"resume, write a checkpoint's name into {self.directory / LATEST} (e.g. "
-                    f"{names[-1]}); to start over, move {self.directory} away or choose "
-                    "another run.name"
-                )
+        if latest is None and not names:
             return None, None
-        target = self.directory / latest
-        failure, hashed = self._check(target, verify, rank, world)
-        if failure is None:
-            return target, None if hashed or not verify else _size_only(target)
+        if latest is None:  # a save stopped between sealing a checkpoint and writing `latest`
+            failure = f"{self.directory}: has no '{LATEST}' pointer"
+        else:
+            target = self.directory / latest
+            failure, hashed = self._check(target, verify, rank, world)
+            if failure is None:
+                return target, None if hashed or not verify else _size_only(target)
         for name in reversed(names):
             candidate = self.directory / name
             if name == latest:
@@ -223,12 +221,19 @@ class CheckpointManager:
             problem, hashed = self._check(candidate, verify, rank, world)
             if problem is None:
                 extra = "" if hashed or not verify else " (it has no content hashes: sizes only)"
+                why = (
+                    f"the latest checkpoint fails verification: {failure}"
+                    if latest is not None
+                    else f"{failure} (a save stopped between sealing {names[-1]} and writing "
+                    "it, or it was removed)"
+                )
                 return candidate, (
-                    f"[dlm] warning: the latest checkpoint fails verification: {failure}; "
-                    f"resuming from {name} instead, the newest checkpoint that verifies{extra}"
+                    f"[dlm] warning: {why}; resuming from {name} instead, the newest "
+                    f"checkpoint that verifies{extra}"
                 )
         raise CheckpointError(
-            f"{failure}; no other checkpoint in {self.directory} verifies ({len(names)} "
+            f"{failure}; {'no' if latest is None else 'no other'} checkpoint in "
+            f"{self.directory} verifies ({len(names)} "
             f"complete); restore the files, or remove {self.directory / LATEST} and the "
             "checkpoints to start over"
         )
