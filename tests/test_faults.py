@@ -138,16 +138,23 @@ def test_sizes_alone_miss_a_swapped_shard(base, tmp_path):
     assert manager.resume_point(verify=False) == (step(ckpts, 8), None)
 
 
-def test_resume_after_a_swapped_shard_equals_the_uninterrupted_run(base, tmp_path, capsys):
-    copy_run(base, tmp_path)
-    swap_shard_from_step_4(step(tmp_path / "r" / "checkpoints", 8))
+def resumes_at_4_like_the_base(base, tmp_path, capsys, warning: str):
+    """Train the copy `tmp_path/r`: one warning line containing `warning` and resuming from
+    step 4, then steps 5-8 equal the uninterrupted run bit for bit. Returns the result."""
     capsys.readouterr()
     result = train(load_config(TINY, tiny_overrides(base["data"], tmp_path, "r")))
     out = capsys.readouterr().out
-    warnings = [line for line in out.splitlines() if "fails verification" in line]
-    assert len(warnings) == 1 and "resuming from step_00000004" in warnings[0], out
+    warnings = [line for line in out.splitlines() if warning in line]
+    assert len(warnings) == 1 and "resuming from step_00000004 instead" in warnings[0], out
     assert "resumed at step 4" in out
     assert result.losses == {s: base["losses"][s] for s in (5, 6, 7, 8)}  # bit for bit
+    return result
+
+
+def test_resume_after_a_swapped_shard_equals_the_uninterrupted_run(base, tmp_path, capsys):
+    copy_run(base, tmp_path)
+    swap_shard_from_step_4(step(tmp_path / "r" / "checkpoints", 8))
+    result = resumes_at_4_like_the_base(base, tmp_path, capsys, "fails verification")
     verify_checkpoint(result.checkpoint)  # step 8 written again, whole
 
 
@@ -169,13 +176,7 @@ def test_a_missing_latest_resumes_the_newest_checkpoint_that_verifies(base, tmp_
     ckpts = copy_run(base, tmp_path)
     (ckpts / "latest").unlink()
     shutil.rmtree(step(ckpts, 8))
-    capsys.readouterr()
-    result = train(load_config(TINY, tiny_overrides(base["data"], tmp_path, "r")))
-    out = capsys.readouterr().out
-    warnings = [line for line in out.splitlines() if "no 'latest' pointer" in line]
-    assert len(warnings) == 1 and "resuming from step_00000004 instead" in warnings[0], out
-    assert "resumed at step 4" in out
-    assert result.losses == {s: base["losses"][s] for s in (5, 6, 7, 8)}  # bit for bit
+    resumes_at_4_like_the_base(base, tmp_path, capsys, "no 'latest' pointer")
     assert read_latest(ckpts) == "step_00000008"
 
 
