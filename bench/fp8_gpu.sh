@@ -6,6 +6,9 @@
 #                                        ours+fp8 with the faster of the two output-layer choices
 #   bash bench/fp8_gpu.sh block OUT      block diffusion (FlexAttention) seq 2048 x 8: ours bf16
 #                                        and ours+fp8
+#   bash bench/fp8_gpu.sh head OUT       seq 2048 x 8, no profiler: the reference, then ours bf16
+#                                        and ours+fp8 (output layer bf16, then FP8) each with
+#                                        model.compile_head off and on
 #   bash bench/fp8_gpu.sh convergence DATA OUT [ARGS...]
 #                                        experiments/fp8_convergence.py on shards DATA, both
 #                                        trainings at once (--concurrent)
@@ -38,6 +41,22 @@ EOF
     "${BENCH[@]}" --seq 4096 --micro-batch 4 --modes reference,ours+fp8 --no-profile \
         --set "model.fp8_output_layer=$head" --out "$out/speed.jsonl" >>"$out/speed-4096.log" 2>&1
     ;;
+head)
+    out=$2 && mkdir -p "$out"
+    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes reference --no-profile \
+        --out "$out/head.jsonl" >"$out/head.log" 2>&1
+    for compiled in false true; do
+        for fp8_head in false true; do
+            "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+fp8 --no-profile \
+                --set "model.compile_head=$compiled" --set "model.fp8_output_layer=$fp8_head" \
+                --label "compile_head=$compiled,fp8_output_layer=$fp8_head" \
+                --out "$out/head.jsonl" >>"$out/head.log" 2>&1
+        done
+        "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+compile --no-profile \
+            --set "model.compile_head=$compiled" --label "compile_head=$compiled" \
+            --out "$out/head.jsonl" >>"$out/head.log" 2>&1
+    done
+    ;;
 block)
     out=$2 && mkdir -p "$out"
     "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+compile,ours+fp8 --no-profile \
@@ -50,7 +69,7 @@ convergence)
     python3 experiments/fp8_convergence.py --data "$data" --out "$out" --concurrent "$@"
     ;;
 *)
-    sed -n '2,13p' "$0"
+    sed -n '2,16p' "$0"
     exit 2
     ;;
 esac

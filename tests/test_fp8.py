@@ -232,6 +232,50 @@ def test_compile_flag_compiles_only_the_linears_outside_the_layers(runtime):
     assert compiled == ["head.output_layer"]
 
 
+@pytest.mark.parametrize("recipe", ["off", "tensorwise"])
+def test_the_compiled_head_chunk_equals_the_eager_head_and_compiles_once(runtime, recipe):
+    """`model.compile_head` (through `compile_model`, layers compiled too): each chunk (final
+    norm, output layer with its FP8 casts, CE) is one dynamic graph. Loss and gradients equal
+    the eager model's within 1e-5 of their largest magnitude (fp32 on CPU: only the fused
+    kernels' order of operations differs); the second and third masked-row counts compile
+    nothing new."""
+    from torch._dynamo.utils import counters
+
+    from pretrain.parallel.build import compile_model
+
+    cfg = model_cfg(recipe, compile=True, compile_head=True)
+    overrides = ["model.compile=true", "model.compile_head=true"]
+    runs, graphs = {}, []
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        module = build(cfg, vocab=VOCAB, mask=MASK, seed=SEED, sequence_parallel=False)
+        converted = apply_fp8(module, cfg, device=CPU, emulate=True)
+        if recipe != "off":  # the head's own compile is off: the chunk graph covers it
+            assert not module.head.output_layer.fp8_plan.compiled and converted
+        if compiled:
+            compile_model(module, load_config(TINY, overrides))
+            assert hasattr(module.head.chunk_ce, "_torchdynamo_orig_callable")
+        tokens, _ = inputs(VOCAB, MASK)
+        for fraction in (0.3, 0.45, 0.6):
+            g = torch.Generator().manual_seed(int(fraction * 100))
+            positions = torch.rand(tokens.shape, generator=g) < fraction
+            module.zero_grad(set_to_none=True)
+            loss = case_loss(module, tokens, positions, True)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+            runs.setdefault(compiled, []).append((loss.detach(), grads))
+            if compiled:
+                graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs
+    for (loss, grads), (want_loss, want_grads) in zip(runs[True], runs[False], strict=True):
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
+        for name, want in want_grads.items():
+            torch.testing.assert_close(
+                grads[name], want, rtol=0, atol=1e-5 * float(want.abs().max()), msg=name
+            )
+    torch._dynamo.reset()
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 

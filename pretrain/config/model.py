@@ -146,6 +146,12 @@ class ModelConfig:
     """What one compiled graph covers: `layer` (one graph shared by all layers: fast to compile)
     or `trunk` (all layers in one graph, entered once per forward and once per backward: fewer
     host gaps, longer compilation; pipeline parallelism always compiles per layer)."""
+    compile_head: bool = False
+    """With `compile`, on one TP rank: each chunk of the sparse output layer (final RMSNorm, the
+    output projection with its FP8 casts under `fp8_output_layer`, the cross-entropy) runs as
+    one compiled graph, so the casts and the norm fuse into the kernels around the GEMM. Off:
+    the projection runs eagerly and only the cross-entropy is compiled. Under TP the
+    vocab-parallel cross-entropy's collectives keep the chunk eager either way."""
     sparse_output: bool = True
     """Run the output layer and cross-entropy only where the loss needs them (masked tokens),
     in memory-bounded chunks (any layout; under sequence parallelism the head runs on every

@@ -403,7 +403,9 @@ def apply_fp8(
             )
         tp = linear.tp_group.size() if linear.tp_group is not None else 1
         group = linear.tp_group.group_name if tp > 1 and tp_scales == "group" else None
-        compiled = model.compile and id(linear) not in in_layers  # layers compile themselves
+        # the layers compile themselves, and so does the head's chunk with `compile_head`
+        head_compiled = model.compile_head and tp == 1
+        compiled = model.compile and id(linear) not in in_layers and not head_compiled
         key = (kind, group, compiled)
         if key not in plans:
             plans[key] = make_plan(

@@ -179,6 +179,7 @@ class OutputHead(torch.nn.Module):
         self.vocab_size = vocab_size
         self.sequence_parallel = config.sequence_parallel
         self.dense_ce = dense_cross_entropy
+        self.chunk_ce = self._rows_ce  # one chunk of `sparse_cross_entropy` (`compile_loss`)
         ids = torch.arange(start, start + padded_vocab // tp_size)
         excluded = ids >= vocab_size
         for token in excluded_token_ids:
@@ -257,10 +258,10 @@ class OutputHead(torch.nn.Module):
         chunk = max(1, CE_CHUNK_BYTES // (4 * vocab_local))
         pieces = [
             checkpoint(
-                self._rows_ce, selected[i : i + chunk], wanted[i : i + chunk], use_reentrant=False
+                self.chunk_ce, selected[i : i + chunk], wanted[i : i + chunk], use_reentrant=False
             )
             if torch.is_grad_enabled()
-            else self._rows_ce(selected[i : i + chunk], wanted[i : i + chunk])
+            else self.chunk_ce(selected[i : i + chunk], wanted[i : i + chunk])
             for i in range(0, rows.numel(), chunk)
         ]
         ce = torch.zeros(s * b, dtype=torch.float32, device=hidden.device)
@@ -276,9 +277,13 @@ class OutputHead(torch.nn.Module):
         logits = logits.masked_fill(self.excluded, float("-inf")).float()
         return tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
 
-    def compile_loss(self) -> None:
-        """Fuse cast, exclusion and log-softmax of the (single-rank) CE into generated kernels."""
+    def compile_loss(self, *, whole_chunk: bool = False) -> None:
+        """Fuse cast, exclusion and log-softmax of the (single-rank) CE into generated kernels;
+        with `whole_chunk` (`model.compile_head`, one TP rank) the final norm and the output
+        projection join them: one graph per chunk, dynamic in its row count."""
         self.dense_ce = torch.compile(dense_cross_entropy, dynamic=True)
+        if whole_chunk and self.tp_size == 1:
+            self.chunk_ce = torch.compile(self._rows_ce, dynamic=True)
 
 
 class _GatherVocab(torch.autograd.Function):

@@ -143,7 +143,8 @@ def attention_kernels(cfg: Config, rt: Runtime) -> Callable[[], contextlib.Abstr
 
 def compile_model(module: torch.nn.Module, cfg: Config) -> None:
     """torch.compile the transformer layers (the embedding and head, with their vocab-parallel
-    collectives, stay eager; the head's loss is compiled on its own).
+    collectives, stay eager; the head's loss is compiled on its own, or with `compile_head` on
+    one TP rank each chunk of the head).
 
     `layer`: one graph serves every layer of the same shape. `trunk`: the whole layer stack is
     one graph, so the host enters compiled code twice per micro-batch instead of twice per
@@ -158,7 +159,7 @@ def compile_model(module: torch.nn.Module, cfg: Config) -> None:
             layer.compile(mode=mode)
             setattr(layer, COMPILED, True)
         elif isinstance(layer, OutputHead):
-            layer.compile_loss()
+            layer.compile_loss(whole_chunk=cfg.model.compile_head)
 
 
 def build_engine(
