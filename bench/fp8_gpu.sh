@@ -7,8 +7,9 @@
 #   bash bench/fp8_gpu.sh block OUT      block diffusion (FlexAttention) seq 2048 x 8: ours bf16
 #                                        and ours+fp8
 #   bash bench/fp8_gpu.sh head OUT       seq 2048 x 8, no profiler: the reference, then ours bf16
-#                                        and ours+fp8 (output layer bf16, then FP8) each with
-#                                        model.compile_head off and on
+#                                        and ours+fp8 as they are, with model.compile_head, and
+#                                        with model.sparse_output_recompute=false; ours+fp8 with
+#                                        compile_head and the output layer in FP8
 #   bash bench/fp8_gpu.sh convergence DATA OUT [ARGS...]
 #                                        experiments/fp8_convergence.py on shards DATA, both
 #                                        trainings at once (--concurrent)
@@ -42,20 +43,22 @@ EOF
         --set "model.fp8_output_layer=$head" --out "$out/speed.jsonl" >>"$out/speed-4096.log" 2>&1
     ;;
 head)
+    # the sparse head's options, each against the reference of this run: ours bf16 and ours+fp8
+    # as they are, with model.compile_head, with the logit gradient kept instead of recomputed,
+    # and ours+fp8 with the output layer in FP8 inside the compiled chunk
     out=$2 && mkdir -p "$out"
     "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes reference --no-profile \
         --out "$out/head.jsonl" >"$out/head.log" 2>&1
-    for compiled in false true; do
-        for fp8_head in false true; do
-            "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+fp8 --no-profile \
-                --set "model.compile_head=$compiled" --set "model.fp8_output_layer=$fp8_head" \
-                --label "compile_head=$compiled,fp8_output_layer=$fp8_head" \
+    for mode in ours+compile ours+fp8; do
+        for opts in "" model.compile_head=true model.sparse_output_recompute=false; do
+            "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes "$mode" --no-profile \
+                ${opts:+--set "$opts"} --label "${opts:-default}" \
                 --out "$out/head.jsonl" >>"$out/head.log" 2>&1
         done
-        "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+compile --no-profile \
-            --set "model.compile_head=$compiled" --label "compile_head=$compiled" \
-            --out "$out/head.jsonl" >>"$out/head.log" 2>&1
     done
+    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+fp8 --no-profile \
+        --set model.compile_head=true --set model.fp8_output_layer=true \
+        --label compile_head+fp8_output_layer --out "$out/head.jsonl" >>"$out/head.log" 2>&1
     ;;
 block)
     out=$2 && mkdir -p "$out"
@@ -69,7 +72,7 @@ convergence)
     python3 experiments/fp8_convergence.py --data "$data" --out "$out" --concurrent "$@"
     ;;
 *)
-    sed -n '2,16p' "$0"
+    sed -n '2,17p' "$0"
     exit 2
     ;;
 esac

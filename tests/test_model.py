@@ -142,8 +142,9 @@ def test_mask_refused_by_backend_without_mask_support(runtime, model):
 
 
 def test_sparse_output_head_equals_full_head_at_loss_positions(runtime, monkeypatch):
-    """The output layer run on masked rows only, in chunks recomputed in backward, gives the same
-    CE there (0 elsewhere) and the same gradients as the full head."""
+    """The output layer run on masked rows only, in chunks recomputed in backward (or keeping
+    their logit gradient: `sparse_output_recompute=False`), gives the same CE there (0
+    elsewhere) and the same gradients as the full head."""
     import pretrain.model.transformer as transformer
 
     # 4 rows of fp32 logits per chunk (padded vocab 384): many chunks, a ragged last one
@@ -152,9 +153,18 @@ def test_sparse_output_head_equals_full_head_at_loss_positions(runtime, monkeypa
     positions = torch.rand(3, 17, generator=torch.Generator().manual_seed(1)) < 0.4
     weights = torch.rand(3, 17, generator=torch.Generator().manual_seed(2))
     results = []
-    # full head; sparse rows found by nonzero(); sparse rows sized by the host's count
-    for sparse, count in ((False, None), (True, None), (True, int(positions.sum()))):
-        m = build_model(small(), vocab_size=VOCAB, mask_token_id=MASK, seed=3)
+    # full head; sparse rows found by nonzero(); sized by the host's count; stored logit grads
+    n = int(positions.sum())
+    for sparse, count, recompute in (
+        (False, None, True),
+        (True, None, True),
+        (True, n, True),
+        (True, n, False),
+    ):
+        cfg = small(sparse_output_recompute=recompute)
+        m = build_model(cfg, vocab_size=VOCAB, mask_token_id=MASK, seed=3)
+        calls = []
+        m.head.output_layer.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         ce = m(
             tokens,
             targets=tokens,
@@ -164,6 +174,8 @@ def test_sparse_output_head_equals_full_head_at_loss_positions(runtime, monkeypa
         ce = torch.where(positions, ce, 0.0)
         (ce * weights).sum().backward()
         results.append((ce.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+        # once per chunk of 4 rows, and again in the backward unless the gradient was kept
+        assert len(calls) == (-(-n // 4) * (1 + recompute) if sparse else 1)
     (ce_full, g_full), *sparse_results = results
     assert positions.sum() > 8
     for ce_sparse, g_sparse in sparse_results:
@@ -171,6 +183,7 @@ def test_sparse_output_head_equals_full_head_at_loss_positions(runtime, monkeypa
         for name, grad in g_full.items():
             torch.testing.assert_close(g_sparse[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert torch.equal(sparse_results[0][0], sparse_results[1][0])  # the same rows, same order
+    torch.testing.assert_close(sparse_results[2][0], sparse_results[1][0], rtol=1e-6, atol=0)
     with torch.no_grad():  # evaluation takes the same path without recomputation
         ce_eval = build_model(small(), vocab_size=VOCAB, mask_token_id=MASK, seed=3)(
             tokens, targets=tokens, loss_positions=positions

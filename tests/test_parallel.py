@@ -146,8 +146,13 @@ SP = {"parallel.tensor_parallel": 2, "parallel.sequence_parallel": True}
 
 @pytest.mark.parametrize(
     "layout",
-    [{"parallel.tensor_parallel": 2}, {"parallel.pipeline_parallel": 2}, SP],
-    ids=["tp2", "pp2", "tp2-sequence-parallel"],
+    [
+        {"parallel.tensor_parallel": 2},
+        {"parallel.pipeline_parallel": 2},
+        SP,
+        {"parallel.tensor_parallel": 2, "model.sparse_output_recompute": False},
+    ],
+    ids=["tp2", "pp2", "tp2-sequence-parallel", "tp2-stored-logit-gradient"],
 )
 def test_model_parallel_matches_single_process(reference, demo_data, tmp_path, layout):
     run = {

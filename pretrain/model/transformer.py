@@ -17,6 +17,8 @@ DeepSpeed's forward, and what the last pipeline stage calls.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
@@ -26,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.config import ModelConfig, MoEConfig
 from pretrain.config.schema import padded_vocab_size
 from pretrain.model.attention import get_attention_backend
+from pretrain.model.head_loss import StoredGradientCE, ce_and_logit_grad, scale_rows
 from pretrain.model.layers import RMSNorm, RotaryEmbedding, build_layer
 from pretrain.model.masks import AttentionMask, DocumentMask
 from pretrain.model.moe import MoEBlock, routing_replay
@@ -159,7 +162,9 @@ class OutputHead(torch.nn.Module):
         *,
         tp_rank: int = 0,
         tp_group=None,
+        recompute: bool = True,
     ):
+        """`recompute`: `model.sparse_output_recompute` (see `sparse_cross_entropy`)."""
         super().__init__()
         self.final_norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
         self.output_layer = tensor_parallel.ColumnParallelLinear(
@@ -176,10 +181,12 @@ class OutputHead(torch.nn.Module):
             raise ValueError("OutputHead: under tensor parallelism pass tp_rank and tp_group")
         start = tp_rank * (padded_vocab // tp_size)
         self.tp_size, self.tp_rank, self.tp_group = tp_size, tp_rank, tp_group
+        self.vocab_start, self.recompute = start, recompute
         self.vocab_size = vocab_size
         self.sequence_parallel = config.sequence_parallel
         self.dense_ce = dense_cross_entropy
         self.chunk_ce = self._rows_ce  # one chunk of `sparse_cross_entropy` (`compile_loss`)
+        self.stored_fns = (ce_and_logit_grad, scale_rows)  # StoredGradientCE's (compiled)
         ids = torch.arange(start, start + padded_vocab // tp_size)
         excluded = ids >= vocab_size
         for token in excluded_token_ids:
@@ -243,7 +250,8 @@ class OutputHead(torch.nn.Module):
         logits: the full [s, b, V] fp32 logits (8 GB for 8 x 2048 tokens at LLaDA's 126k vocab)
         never exist. Needs the whole sequence on this rank (no sequence parallelism).
         `count` (= positions.sum(), when the caller knows it on the host) sizes the rows without
-        the device-to-host sync a data-dependent `nonzero` costs.
+        the device-to-host sync a data-dependent `nonzero` costs. Without `recompute` each
+        chunk keeps its logit gradient instead (`head_loss.py`): no GEMM in the recomputation.
         """
         s, b, h = hidden.shape
         flat = positions.t().reshape(-1)  # [s*b], the layout of `hidden`
@@ -256,12 +264,14 @@ class OutputHead(torch.nn.Module):
         wanted = targets.t().reshape(-1).index_select(0, rows)  # [n]
         vocab_local = self.excluded.numel()
         chunk = max(1, CE_CHUNK_BYTES // (4 * vocab_local))
+        if not torch.is_grad_enabled():
+            run = self.chunk_ce
+        elif self.recompute:
+            run = functools.partial(checkpoint, self.chunk_ce, use_reentrant=False)
+        else:
+            run = self._stored_rows_ce
         pieces = [
-            checkpoint(
-                self.chunk_ce, selected[i : i + chunk], wanted[i : i + chunk], use_reentrant=False
-            )
-            if torch.is_grad_enabled()
-            else self.chunk_ce(selected[i : i + chunk], wanted[i : i + chunk])
+            run(selected[i : i + chunk], wanted[i : i + chunk])
             for i in range(0, rows.numel(), chunk)
         ]
         ce = torch.zeros(s * b, dtype=torch.float32, device=hidden.device)
@@ -277,11 +287,20 @@ class OutputHead(torch.nn.Module):
         logits = logits.masked_fill(self.excluded, float("-inf")).float()
         return tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
 
+    def _stored_rows_ce(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden [n, h], targets [n] -> CE [n] fp32, autograd keeping G, not the logits."""
+        logits, _ = self.output_layer(self.final_norm(hidden))  # [n, V/tp]
+        group = self.tp_group if self.tp_size > 1 else None
+        return StoredGradientCE.apply(
+            logits, self.excluded, targets, self.vocab_start, group, self.stored_fns
+        )
+
     def compile_loss(self, *, whole_chunk: bool = False) -> None:
         """Fuse cast, exclusion and log-softmax of the (single-rank) CE into generated kernels;
         with `whole_chunk` (`model.compile_head`, one TP rank) the final norm and the output
         projection join them: one graph per chunk, dynamic in its row count."""
         self.dense_ce = torch.compile(dense_cross_entropy, dynamic=True)
+        self.stored_fns = tuple(torch.compile(f, dynamic=True) for f in self.stored_fns)
         if whole_chunk and self.tp_size == 1:
             self.chunk_ce = torch.compile(self._rows_ce, dynamic=True)
 
@@ -349,6 +368,7 @@ class DLMTransformer(torch.nn.Module):
             excluded_token_ids,
             tp_rank=tp_rank,
             tp_group=tp_group,
+            recompute=model.sparse_output_recompute,
         )
 
     def forward(

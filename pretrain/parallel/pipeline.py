@@ -155,6 +155,7 @@ def build_pipeline_module(
             (mask_token_id,),
             tp_rank=tp_rank,
             tp_group=tp_group,
+            recompute=model.sparse_output_recompute,
         )
     )
     module = PipelineModule(
