@@ -6,7 +6,8 @@
 #                                        ours+fp8 with the faster of the two output-layer choices
 #   bash bench/fp8_gpu.sh block OUT      block diffusion (FlexAttention) seq 2048 x 8: ours bf16
 #                                        and ours+fp8
-#   bash bench/fp8_gpu.sh head OUT       seq 2048 x 8, no profiler: the reference, then ours bf16
+#   bash bench/fp8_gpu.sh head OUT       bench/head_step.py (the head alone, eager and compiled);
+#                                        then seq 2048 x 8, no profiler: the reference, ours bf16
 #                                        and ours+fp8 as they are, with model.compile_head, and
 #                                        with model.sparse_output_recompute=false; ours+fp8 with
 #                                        compile_head and the output layer in FP8
@@ -47,6 +48,10 @@ head)
     # as they are, with model.compile_head, with the logit gradient kept instead of recomputed,
     # and ours+fp8 with the output layer in FP8 inside the compiled chunk
     out=$2 && mkdir -p "$out"
+    for compiled in "" --compile; do  # the head alone first: seconds, not minutes
+        python3 bench/head_step.py --config configs/llada-1b.yaml --seq 2048 --micro-batch 8 \
+            $compiled --out "$out/head-alone.jsonl" >>"$out/head-alone.log" 2>&1
+    done
     "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes reference --no-profile \
         --out "$out/head.jsonl" >"$out/head.log" 2>&1
     for mode in ours+compile ours+fp8; do
@@ -72,7 +77,7 @@ convergence)
     python3 experiments/fp8_convergence.py --data "$data" --out "$out" --concurrent "$@"
     ;;
 *)
-    sed -n '2,17p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac

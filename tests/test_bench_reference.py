@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from conftest import free_port
 
 from pretrain.config import DiffusionConfig, ModelConfig
 from pretrain.diffusion.corruption import CorruptionKey
@@ -56,3 +57,29 @@ def test_reference_equals_our_model_and_loss(runtime):
         rtol=1e-4,
         atol=1e-7,
     )
+
+
+def test_the_head_benchmark_runs_every_variant_and_they_agree(tmp_path):
+    """bench/head_step.py on CPU at toy size (a check of the script, not of speed): one row per
+    variant, each variant's gradients equal the recomputing head's within 1e-5."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "head.jsonl"
+    root = Path(__file__).parents[1]
+    cmd = [
+        sys.executable, str(root / "bench" / "head_step.py"), "--config",
+        str(root / "configs" / "tiny.yaml"), "--seq", "32", "--micro-batch", "4", "--vocab",
+        "500", "--device", "cpu", "--repeats", "2", "--compile", "--out", str(out),
+    ]  # fmt: skip
+    # a port of its own: this process's runtime (other tests) holds the inherited MASTER_PORT
+    env = {**os.environ, "PYTHONPATH": str(root), "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["recompute", "stored", "compile_head"]
+    assert all(r["ms"] > 0 and 0 < r["masked_rows"] < 32 * 4 for r in rows)
+    for row in rows:
+        assert max(row["grad_rel_diff_vs_recompute"].values()) <= 1e-5, row
