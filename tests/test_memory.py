@@ -96,14 +96,18 @@ def test_activations_respond_to_checkpointing_tp_and_pipeline():
     assert ckpt < full / 4, (ckpt, full)
     assert per_gpu_memory(cfg, 126464, replace(base, tp=2, dp=4)).activations < full
     doubled = per_gpu_memory(cfg, 126464, replace(base, micro_batch_size=4)).activations
-    assert doubled == pytest.approx(2 * full, rel=0.01)
+    # all of it doubles but the sparse head's one chunk of logits in flight (1 GiB of fp32)
+    _, chunk = head_activation_bytes(cfg, 126464, 2, 4096, 1, 2)
+    assert chunk == (1 << 30) // (4 * 126464) * 126464 * 10
+    assert doubled == pytest.approx(2 * full - chunk, rel=0.01)
     # 1F1B: the first stage holds pp micro-batches of its layers, so it is the heaviest.
     piped = per_gpu_memory(cfg, 126464, replace(base, tp=4, pp=2, dp=1))
     assert piped.stage == 0 and piped.stage_name == "first"
 
 
-def _saved_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for backward (weights and buffers excluded)."""
+def _saved_bytes(model: torch.nn.Module, tokens: torch.Tensor, sparse: bool) -> int:
+    """Bytes of the distinct storages autograd saves for backward (weights and buffers
+    excluded); `sparse`: through the sparse head with every position a loss position."""
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
 
@@ -114,21 +118,32 @@ def _saved_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, targets=tokens)
+        positions = torch.ones_like(tokens, dtype=torch.bool) if sparse else None
+        model(tokens, targets=tokens, loss_positions=positions)
     return sum(seen.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("groups", [None, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("ckpt", [False, True], ids=["full", "ckpt"])
-def test_activation_formula_equals_saved_tensors(runtime, dtype, groups, ckpt):
+@pytest.mark.parametrize(
+    "head",
+    [
+        {"sparse_output": False},
+        {"sparse_output": True},
+        {"sparse_output": True, "sparse_output_recompute": False},
+    ],
+    ids=["dense-head", "sparse-head", "sparse-head-stored"],
+)
+def test_activation_formula_equals_saved_tensors(runtime, dtype, groups, ckpt, head):
     from pretrain.model.parallelize import build_model
 
-    cfg = small(num_query_groups=groups, activation_checkpointing=ckpt)
+    cfg = small(num_query_groups=groups, activation_checkpointing=ckpt, **head)
     model = build_model(cfg, vocab_size=VOCAB, mask_token_id=VOCAB - 1, params_dtype=dtype)
     model.train()
     b, s, e = 2, 24, 2 if dtype == torch.bfloat16 else 4
-    measured = _saved_bytes(model, torch.randint(0, VOCAB - 1, (b, s)))
+    tokens = torch.randint(0, VOCAB - 1, (b, s))
+    measured = _saved_bytes(model, tokens, cfg.sparse_output)
     v_pad = parameter_counts(cfg, VOCAB)["padded_vocab"]
     head, _ = head_activation_bytes(cfg, v_pad, b, s, 1, e)
     per_layer = e * s * b * cfg.hidden_size if ckpt else layer_activation_bytes(cfg, b, s, 1, e)
@@ -165,3 +180,10 @@ def test_run_plan_prints_the_layouts(capsys):
 def test_bad_layouts_raise_config_error(argv):
     with pytest.raises(ConfigError):
         _plan(argv)
+
+
+def test_the_planners_chunk_size_is_the_heads():
+    from pretrain.model import transformer
+    from pretrain.parallel import memory
+
+    assert memory.CE_CHUNK_BYTES == transformer.CE_CHUNK_BYTES

@@ -42,7 +42,14 @@ in bf16, 4 in fp32; "/t" marks tensors split by tp, the rest are replicated on e
     SwiGLU            5 e sbf / t [fc1 out 2f (silu saves the gate view, keeping it whole),
                       silu out, up + offset copy, product = fc2 input]
     head (last stage) (4 + 2e) sbh [final norm] + 4 sbV_pad / t [fp32 logits the vocab-parallel
-                      CE keeps] + e sbV_pad / t transient [bf16 logits alive during the upcast]
+                      CE keeps] + e sbV_pad / t transient [bf16 logits alive during the upcast],
+                      with `model.sparse_output: false`; the sparse head (default) on n loss
+                      rows, counted at n = sb (all masked): e nh + 16 n [each chunk's input
+                      rows and targets, recomputed in backward], or with
+                      `sparse_output_recompute: false` (4 + 2e) nh + e nV_pad / t [the final
+                      norm's and output layer's inputs, the logit gradient G] + 12 n; transient:
+                      one chunk of c = min(n, 2^30 / (4 V_pad / t)) rows, (8 + e) cV_pad / t
+                      [fp32 logits and softmax, logits in the compute dtype; e = 0 in fp32]
     tokens/targets    int64 ids on the first stage, ids and mask in the CE on the last
     MoE layer         in place of the SwiGLU: 4 sbE x 3 [fp32 router logits, scores, probs]
                       + e sbkh x 2 [the k copies of each token entering the experts and their
@@ -75,6 +82,9 @@ from pretrain.errors import ConfigError
 from pretrain.parallel.topology import Topology
 
 GiB = 2**30
+CE_CHUNK_BYTES = 1 << 30
+"""`pretrain.model.transformer.CE_CHUNK_BYTES` (the sparse head's fp32 logits per chunk), not
+imported: the planner runs without torch."""
 _BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}  # weights, grads, optimizer per element
 DEFAULT_LAYOUTS = ("1x1x8:1", "1x1x8:3", "2x1x4:1", "4x2x1:1", "8x1x1:1", "4x2x8:1")
 
@@ -229,12 +239,21 @@ def moe_layer_activation_bytes(model: ModelConfig, b: int, s: int, tp: int, e: i
 def head_activation_bytes(
     model: ModelConfig, v_pad: int, b: int, s: int, tp: int, e: int
 ) -> tuple[int, int]:
-    """(saved, transient) bytes of the last stage's final norm, logits and cross-entropy."""
-    sb = s * b
-    saved = (4 + 2 * e) * sb * model.hidden_size + 4 * sb + 4 * sb * v_pad // tp + 9 * sb
-    # In bf16 the logits are upcast to fp32 for the CE: both copies exist until it returns.
-    transient = e * sb * v_pad // tp if e != 4 else 0
-    return saved, transient
+    """(saved, transient) bytes of the last stage's final norm, logits and cross-entropy: the
+    full head, or with `model.sparse_output` the sparse one at its worst case, every position a
+    loss position (the masked fraction of a micro-batch varies from step to step)."""
+    sb, h, v = s * b, model.hidden_size, v_pad // tp
+    if not model.sparse_output:
+        saved = (4 + 2 * e) * sb * h + 4 * sb + 4 * sb * v + 9 * sb
+        # In bf16 the logits are upcast to fp32 for the CE: both copies exist until it returns.
+        return saved, e * sb * v if e != 4 else 0
+    n, chunk = sb, min(sb, max(1, CE_CHUNK_BYTES // (4 * v)))
+    if model.sparse_output_recompute:  # the chunks' inputs (rows, targets) and the row indices
+        saved = e * n * h + 16 * n
+    else:  # the final norm's and output layer's inputs, G, the row indices
+        saved = (4 + 2 * e) * n * h + e * n * v + 12 * n
+    # one chunk at a time: its fp32 logits and softmax, and its logits in the compute dtype
+    return saved, chunk * v * (8 + (e if e != 4 else 0))
 
 
 def _stage_activations(model: ModelConfig, v_pad: int, layout: Layout, k: int) -> int:
