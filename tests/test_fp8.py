@@ -232,10 +232,14 @@ def test_compile_flag_compiles_only_the_linears_outside_the_layers(runtime):
     assert compiled == ["head.output_layer"]
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "stored"])
 @pytest.mark.parametrize("recipe", ["off", "tensorwise"])
-def test_the_compiled_head_chunk_equals_the_eager_head_and_compiles_once(runtime, recipe):
+def test_the_compiled_head_chunk_equals_the_eager_head_and_compiles_once(
+    runtime, recipe, recompute
+):
     """`model.compile_head` (through `compile_model`, layers compiled too): each chunk (final
-    norm, output layer with its FP8 casts, CE) is one dynamic graph. Loss and gradients equal
+    norm, output layer with its FP8 casts, CE; recomputed in the backward or keeping its logit
+    gradient) is one dynamic graph. Loss and gradients equal
     the eager model's within 1e-5 of their largest magnitude (fp32 on CPU: only the fused
     kernels' order of operations differs); the second and third masked-row counts compile
     nothing new."""
@@ -243,7 +247,7 @@ def test_the_compiled_head_chunk_equals_the_eager_head_and_compiles_once(runtime
 
     from pretrain.parallel.build import compile_model
 
-    cfg = model_cfg(recipe, compile=True, compile_head=True)
+    cfg = model_cfg(recipe, compile=True, compile_head=True, sparse_output_recompute=recompute)
     overrides = ["model.compile=true", "model.compile_head=true"]
     runs, graphs = {}, []
     torch._dynamo.reset()
@@ -254,7 +258,8 @@ def test_the_compiled_head_chunk_equals_the_eager_head_and_compiles_once(runtime
             assert not module.head.output_layer.fp8_plan.compiled and converted
         if compiled:
             compile_model(module, load_config(TINY, overrides))
-            assert hasattr(module.head.chunk_ce, "_torchdynamo_orig_callable")
+            chunk = module.head.chunk_ce if recompute else module.head.stored_chunk_ce
+            assert hasattr(chunk, "_torchdynamo_orig_callable")
         tokens, _ = inputs(VOCAB, MASK)
         for fraction in (0.3, 0.45, 0.6):
             g = torch.Generator().manual_seed(int(fraction * 100))

@@ -187,6 +187,7 @@ class OutputHead(torch.nn.Module):
         self.dense_ce = dense_cross_entropy
         self.chunk_ce = self._rows_ce  # one chunk of `sparse_cross_entropy` (`compile_loss`)
         self.stored_fns = (ce_and_logit_grad, scale_rows)  # StoredGradientCE's (compiled)
+        self.stored_chunk_ce = self._stored_rows_ce  # a chunk without `recompute`
         ids = torch.arange(start, start + padded_vocab // tp_size)
         excluded = ids >= vocab_size
         for token in excluded_token_ids:
@@ -269,7 +270,7 @@ class OutputHead(torch.nn.Module):
         elif self.recompute:
             run = functools.partial(checkpoint, self.chunk_ce, use_reentrant=False)
         else:
-            run = self._stored_rows_ce
+            run = self.stored_chunk_ce
         pieces = [
             run(selected[i : i + chunk], wanted[i : i + chunk])
             for i in range(0, rows.numel(), chunk)
@@ -298,11 +299,13 @@ class OutputHead(torch.nn.Module):
     def compile_loss(self, *, whole_chunk: bool = False) -> None:
         """Fuse cast, exclusion and log-softmax of the (single-rank) CE into generated kernels;
         with `whole_chunk` (`model.compile_head`, one TP rank) the final norm and the output
-        projection join them: one graph per chunk, dynamic in its row count."""
+        projection join them: one graph per chunk, dynamic in its row count (recomputed or
+        keeping its logit gradient)."""
         self.dense_ce = torch.compile(dense_cross_entropy, dynamic=True)
         self.stored_fns = tuple(torch.compile(f, dynamic=True) for f in self.stored_fns)
         if whole_chunk and self.tp_size == 1:
             self.chunk_ce = torch.compile(self._rows_ce, dynamic=True)
+            self.stored_chunk_ce = torch.compile(self._stored_rows_ce, dynamic=True)
 
 
 class _GatherVocab(torch.autograd.Function):
