@@ -312,6 +312,30 @@ def test_prune_removes_only_its_own_or_provably_stale_directories(tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000003", "step_00000009"]
 
 
+def test_a_kill_inside_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """An old checkpoint is renamed out of the `step_XXXXXXXX` names before it is deleted: a
+    kill inside the deletion (here: the deletion never runs) leaves only a stale `.pruned`
+    directory, which nothing lists as a checkpoint and the next save under the lock removes."""
+    import pretrain.checkpoint.manager as manager_module
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    for n in (1, 2):
+        step(ckpts, n).mkdir(parents=True)
+        (step(ckpts, n) / "x").write_text(str(n))
+        write_marker(step(ckpts, n), n)
+    manager = CheckpointManager(ckpts, keep_last=1)
+    with acquire_run_lock(tmp_path / "run", 0):
+        real_rmtree = shutil.rmtree
+        monkeypatch.setattr(manager_module.shutil, "rmtree", lambda *a, **k: None)
+        manager._prune(keep=step(ckpts, 2))
+        (pruned,) = [p.name for p in ckpts.iterdir() if p.name.startswith("step_00000001")]
+        assert pruned.startswith("step_00000001.pruned.")
+        assert manager.complete_checkpoints() == [step(ckpts, 2)]
+        monkeypatch.setattr(manager_module.shutil, "rmtree", real_rmtree)
+        manager._prune(keep=step(ckpts, 2))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002"]
+
+
 HOLD = """
 import sys, time
 from pretrain.checkpoint.runlock import acquire_run_lock

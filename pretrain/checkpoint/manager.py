@@ -413,13 +413,21 @@ class CheckpointManager:
         for old in complete[: max(0, len(complete) - self.keep_last)]:
             newer = int(old.name.removeprefix("step_")) >= step
             if old != keep and not newer and (locked or old in self._saved):
-                shutil.rmtree(old, ignore_errors=True)
+                # renamed first (atomic): a kill inside the rmtree leaves no half-deleted
+                # directory under a checkpoint's name, only a stale `.pruned` one
+                gone = old.with_name(f"{old.name}.pruned.{secrets.token_hex(4)}")
+                try:
+                    os.replace(old, gone)
+                except FileNotFoundError:  # removed by someone else meanwhile
+                    continue
+                shutil.rmtree(gone, ignore_errors=True)
         for stale in self.directory.glob("step_*.partial*"):
             if locked or stale.name.endswith(f".partial.{self._token}"):
                 shutil.rmtree(stale, ignore_errors=True)
         if locked:
-            for stale in self.directory.glob("step_*.replaced*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            for pattern in ("step_*.replaced*", "step_*.pruned*"):
+                for stale in self.directory.glob(pattern):
+                    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _size_only(path: Path) -> str:
