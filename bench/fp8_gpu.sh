@@ -7,10 +7,11 @@
 #   bash bench/fp8_gpu.sh block OUT      block diffusion (FlexAttention) seq 2048 x 8: ours bf16
 #                                        and ours+fp8
 #   bash bench/fp8_gpu.sh head OUT       bench/head_step.py (the head alone, eager and compiled);
-#                                        then seq 2048 x 8, no profiler: the reference, ours bf16
-#                                        and ours+fp8 as they are, with model.compile_head, and
-#                                        with model.sparse_output_recompute=false; ours+fp8 with
-#                                        compile_head and the output layer in FP8
+#                                        then seq 2048 x 8, no profiler: the reference and ours
+#                                        bf16 as it is, with model.compile_head, and with
+#                                        model.sparse_output_recompute=false
+#   bash bench/fp8_gpu.sh head-fp8 OUT   the same with ours+fp8, plus compile_head with the
+#                                        output layer in FP8
 #   bash bench/fp8_gpu.sh convergence DATA OUT [ARGS...]
 #                                        experiments/fp8_convergence.py on shards DATA, both
 #                                        trainings at once (--concurrent)
@@ -43,27 +44,30 @@ EOF
     "${BENCH[@]}" --seq 4096 --micro-batch 4 --modes reference,ours+fp8 --no-profile \
         --set "model.fp8_output_layer=$head" --out "$out/speed.jsonl" >>"$out/speed-4096.log" 2>&1
     ;;
-head)
-    # the sparse head's options, each against the reference of this run: ours bf16 and ours+fp8
-    # as they are, with model.compile_head, with the logit gradient kept instead of recomputed,
-    # and ours+fp8 with the output layer in FP8 inside the compiled chunk
+head | head-fp8)
+    # the sparse head's options against the reference of the same call (one call each fits the
+    # 10-minute limit): as they are, with model.compile_head, with the logit gradient kept
+    # instead of recomputed; in FP8 also compile_head with the output layer in FP8
     out=$2 && mkdir -p "$out"
-    for compiled in "" --compile; do  # the head alone first: seconds, not minutes
-        python3 bench/head_step.py --config configs/llada-1b.yaml --seq 2048 --micro-batch 8 \
-            $compiled --out "$out/head-alone.jsonl" >>"$out/head-alone.log" 2>&1
-    done
-    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes reference --no-profile \
-        --out "$out/head.jsonl" >"$out/head.log" 2>&1
-    for mode in ours+compile ours+fp8; do
-        for opts in "" model.compile_head=true model.sparse_output_recompute=false; do
-            "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes "$mode" --no-profile \
-                ${opts:+--set "$opts"} --label "${opts:-default}" \
-                --out "$out/head.jsonl" >>"$out/head.log" 2>&1
+    mode=ours+compile && [ "$1" = head-fp8 ] && mode=ours+fp8
+    if [ "$1" = head ]; then
+        for compiled in "" --compile; do  # the head alone first: seconds, not minutes
+            python3 bench/head_step.py --config configs/llada-1b.yaml --seq 2048 \
+                --micro-batch 8 $compiled --out "$out/head-alone.jsonl" >>"$out/head-alone.log" 2>&1
         done
+    fi
+    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes reference --no-profile \
+        --out "$out/$1.jsonl" >"$out/$1.log" 2>&1
+    for opts in "" model.compile_head=true model.sparse_output_recompute=false; do
+        "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes "$mode" --no-profile \
+            ${opts:+--set "$opts"} --label "${opts:-default}" \
+            --out "$out/$1.jsonl" >>"$out/$1.log" 2>&1
     done
-    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+fp8 --no-profile \
-        --set model.compile_head=true --set model.fp8_output_layer=true \
-        --label compile_head+fp8_output_layer --out "$out/head.jsonl" >>"$out/head.log" 2>&1
+    if [ "$1" = head-fp8 ]; then
+        "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+fp8 --no-profile \
+            --set model.compile_head=true --set model.fp8_output_layer=true \
+            --label compile_head+fp8_output_layer --out "$out/$1.jsonl" >>"$out/$1.log" 2>&1
+    fi
     ;;
 block)
     out=$2 && mkdir -p "$out"
@@ -77,7 +81,7 @@ convergence)
     python3 experiments/fp8_convergence.py --data "$data" --out "$out" --concurrent "$@"
     ;;
 *)
-    sed -n '2,18p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
     ;;
 esac
