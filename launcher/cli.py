@@ -300,5 +300,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> int:
+    """The `dlm` command (and `python -m launcher.cli`): `main`, then, where it succeeded or
+    stopped for a requeue, the process groups destroyed before the process exits
+    (`shutdown_runtime`)."""
+    code = main()
+    if code in (0, REQUEUE_EXIT_CODE) and "torch.distributed" in sys.modules:
+        from pretrain.parallel.runtime import shutdown_runtime
+
+        shutdown_runtime()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

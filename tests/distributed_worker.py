@@ -98,3 +98,6 @@ def _fail_shard_write(manager, step: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    from pretrain.parallel.runtime import shutdown_runtime
+
+    shutdown_runtime()  # every run succeeded: no gloo threads left to the interpreter's exit

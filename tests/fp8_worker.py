@@ -109,3 +109,6 @@ def main(spec_path: str, out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    from pretrain.parallel.runtime import shutdown_runtime
+
+    shutdown_runtime()  # every run succeeded: no gloo threads left to the interpreter's exit

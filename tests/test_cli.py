@@ -96,3 +96,25 @@ def test_config_docs_lists_every_key(capsys):
     assert main(["config", "docs"]) == 0
     out = capsys.readouterr().out
     assert "train.steps = 1000" in out and "diffusion.schedule = linear" in out
+
+
+def test_the_dlm_command_destroys_its_process_groups_after_a_run(demo_data, tmp_path):
+    """`dlm` (`launcher.cli:entry`) destroys torch.distributed's groups once `train` has
+    succeeded: left to the interpreter's exit, gloo's threads can abort a finished run with
+    SIGABRT."""
+    from conftest import tiny_overrides
+
+    overrides = tiny_overrides(demo_data, tmp_path, "entry", **{"train.steps": 2})
+    code = (
+        "import sys\n"
+        "from launcher import cli\n"
+        f"sys.argv = ['dlm', 'train', {str(REPO / 'configs' / 'tiny.yaml')!r}, *{overrides!r}]\n"
+        "code = cli.entry()\n"
+        "import torch.distributed as dist\n"
+        "print('RESULT', code, dist.is_initialized())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "RESULT 0 False"

@@ -110,6 +110,17 @@ def _skip_cpu_shm_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+def shutdown_runtime() -> None:
+    """Destroy torch.distributed's process groups before this process exits, after a command
+    that succeeded on every rank (after a failure a peer may still be inside a collective, and
+    the launcher tears the job down anyway). Left to the interpreter's teardown, gloo's worker
+    threads can release tensors after Python has finalised and abort the process (SIGABRT,
+    "terminate called without an active exception"): a finished run exiting as failed. Only
+    for process entry points: in-process callers (the tests) keep reusing the runtime."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_runtime(cfg: Config) -> Runtime:
     """Initialise torch.distributed (if needed) and Megatron-core's parallel state."""
     import deepspeed
