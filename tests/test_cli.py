@@ -12,6 +12,16 @@ from conftest import REPO
 from launcher.cli import COMMANDS, main
 
 
+def python_last_line(code: str, timeout: int = 120) -> tuple[str, str]:
+    """Run `code` in a fresh interpreter at the repo root: (its last stdout line, its stderr);
+    it must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1], proc.stderr
+
+
 def dlm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "launcher.cli", *args],
@@ -65,12 +75,9 @@ def test_light_commands_import_no_heavy_library(argv):
         "        pass\n"
         "print(sorted(m for m in ('torch', 'deepspeed', 'megatron') if m in sys.modules))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
-    assert "Setting accelerator" not in proc.stderr
+    last, stderr = python_last_line(code)
+    assert last == "[]"
+    assert "Setting accelerator" not in stderr
 
 
 def test_missing_config_file(capsys):
@@ -113,8 +120,4 @@ def test_the_dlm_command_destroys_its_process_groups_after_a_run(demo_data, tmp_
         "import torch.distributed as dist\n"
         "print('RESULT', code, dist.is_initialized())\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "RESULT 0 False"
+    assert python_last_line(code, timeout=300)[0] == "RESULT 0 False"
