@@ -20,6 +20,9 @@ and `fp8_convergence.png` (without matplotlib, `--replot --out OUT` draws it lat
 
 `--concurrent` trains both at the same time (each process has its own seed-determined data and
 noise, so the curves are those of two sequential runs; only the wall time and tokens/s change).
+`--seed-spread` adds a third training, bf16 with seed + 1 (another init, data order and noise):
+`summary.json`'s `seed_spread` holds the same differences between the two bf16 runs, the
+yardstick for the FP8 ones, and the plot shows both.
 
 `--preset toy --device cpu --emulate-fp8` is the seconds-long CPU check of the script itself
 (DLM_FP8_EMULATE=1: the FP8 casts emulated in fp32; no speed-up, no statement about GPUs).
@@ -58,12 +61,14 @@ PRESETS = {
 }
 """Model shape and peak learning rate of each preset (everything else is in `overrides`)."""
 PLOT = "fp8_convergence.png"
+SPREAD = "-other-seed"
+"""Suffix of the `--seed-spread` run's name (the bf16 training with seed + 1)."""
 SMOOTH = 50
 """Steps in the moving average of the training-loss curves (the per-step loss of a diffusion
 LM is noisy: t is drawn per sequence)."""
 
 
-def overrides(a, name: str, fp8: str | None, seq_len: int) -> list[str]:
+def overrides(a, name: str, fp8: str | None, seq_len: int, seed: int) -> list[str]:
     micro = max(1, a.tokens_per_step // seq_len)
     values = {
         "run.name": name,
@@ -77,7 +82,7 @@ def overrides(a, name: str, fp8: str | None, seq_len: int) -> list[str]:
         "train.steps": a.steps,
         "train.micro_batch_size": micro,
         "train.grad_accum_steps": 1,
-        "train.seed": a.seed,
+        "train.seed": seed,
         "train.log_interval": max(1, min(50, a.steps // 4)),
         "train.eval_interval": max(1, a.steps // a.evals),
         "train.eval_batches": a.eval_batches,
@@ -102,7 +107,8 @@ def child(a) -> None:
     manifest = Manifest.load(a.data)
     seq_len = manifest.seq_len
     fp8 = a.recipe if a.child.startswith("fp8-") else None
-    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(a, a.child, fp8, seq_len))
+    seed = a.seed + 1 if a.child.endswith(SPREAD) else a.seed
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(a, a.child, fp8, seq_len, seed))
     t0 = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - t0
@@ -115,6 +121,7 @@ def child(a) -> None:
         "train_tokens_in_data": manifest.num_samples("train") * seq_len,
         "params": parameters(cfg.model, manifest.tokenizer.vocab_size),
         "fp8": fp8 or "off",
+        "seed": seed,
     }
     (Path(a.out) / a.child / "result.json").write_text(json.dumps(out))
 
@@ -142,18 +149,14 @@ def smoothed(losses: dict[int, float], window: int) -> dict[int, float]:
     return out
 
 
-def compare(runs: dict[str, dict], warmup: int) -> dict:
-    """Final validation NELBO of each run, their relative difference, and the largest relative
-    difference of the smoothed training curves and of the evaluations after `warmup` steps."""
-    (base, b), (name, f) = runs.items()
-    final = {
-        k: r["evals"][max(r["evals"], key=int)]["val/nelbo_per_token_slot"] for k, r in runs.items()
-    }
+def differences(b: dict, f: dict, warmup: int) -> dict:
+    """Run f against run b: relative difference of the final validation NELBO, and the largest
+    of the smoothed training curves and of the evaluations after `warmup` steps."""
+    final = [r["evals"][max(r["evals"], key=int)]["val/nelbo_per_token_slot"] for r in (b, f)]
     window = min(SMOOTH, max(1, len(b["losses"]) // 10))
     sb = smoothed({int(k): v for k, v in b["losses"].items()}, window)
     sf = smoothed({int(k): v for k, v in f["losses"].items()}, window)
     after = [s for s in sb if s > warmup]
-    curve = max(abs(sf[s] - sb[s]) / abs(sb[s]) for s in after)
     shared = [k for k in b["evals"] if int(k) > warmup and k in f["evals"]]
     evals = max(
         abs(f["evals"][k]["val/nelbo_per_token_slot"] - b["evals"][k]["val/nelbo_per_token_slot"])
@@ -161,17 +164,35 @@ def compare(runs: dict[str, dict], warmup: int) -> dict:
         for k in shared
     )
     return {
-        "final_val_nelbo": final,
-        "final_val_nelbo_rel_diff": abs(final[name] - final[base]) / abs(final[base]),
-        "max_rel_diff_smoothed_train_loss_after_warmup": curve,
+        "final_val_nelbo_rel_diff": abs(final[1] - final[0]) / abs(final[0]),
+        "max_rel_diff_smoothed_train_loss_after_warmup": max(
+            abs(sf[s] - sb[s]) / abs(sb[s]) for s in after
+        ),
         "max_rel_diff_val_nelbo_after_warmup": evals,
         "smoothing_window_steps": window,
+    }
+
+
+def compare(runs: dict[str, dict], warmup: int) -> dict:
+    """The FP8 run against the first (bf16) run; with a `--seed-spread` run, the same
+    differences between the two bf16 runs under `seed_spread`."""
+    base, name = next(iter(runs)), next(k for k in runs if k.startswith("fp8-"))
+    b = runs[base]
+    out = {
+        "final_val_nelbo": {
+            k: r["evals"][max(r["evals"], key=int)]["val/nelbo_per_token_slot"]
+            for k, r in runs.items()
+        },
+        **differences(b, runs[name], warmup),
         "seconds": {k: r["seconds"] for k, r in runs.items()},
         "tokens_per_run": b["tokens"],
         "train_tokens_in_data": b["train_tokens_in_data"],
         "params": b["params"],
         "tokens_per_s": {k: r["tokens"] / r["seconds"] for k, r in runs.items()},
     }
+    if spread := [k for k in runs if k.endswith(SPREAD)]:
+        out["seed_spread"] = differences(b, runs[spread[0]], warmup)
+    return out
 
 
 def plot(runs: dict[str, dict], summary: dict, path: Path) -> None:
@@ -190,19 +211,25 @@ def plot(runs: dict[str, dict], summary: dict, path: Path) -> None:
         steps = sorted(int(k) for k in run["evals"])
         nelbo = [run["evals"][str(s)]["val/nelbo_per_token_slot"] for s in steps]
         top.plot(steps, nelbo, "o--", color=line.get_color(), label=f"{name}: validation NELBO")
-    (base, b), (name, f) = curves.items()
-    rel = {s: 100 * (f[s] - b[s]) / b[s] for s in b}
-    bottom.plot(list(rel), list(rel.values()), color="k")
+    base, *others = curves
+    b = curves[base]
+    for other in others:  # FP8 in black, the seed-spread bf16 run in grey
+        rel = {s: 100 * (curves[other][s] - b[s]) / b[s] for s in b}
+        colour = "grey" if other.endswith(SPREAD) else "k"
+        bottom.plot(list(rel), list(rel.values()), color=colour, label=f"{other} vs {base}")
     bottom.axhline(0, color="grey", lw=0.5)
     for edge in (-1, 1):
         bottom.axhline(edge, color="red", lw=0.5, ls=":")
     top.set_ylabel("NELBO per token slot (nats)")
-    bottom.set_ylabel(f"{name} vs {base} (%)")
+    bottom.set_ylabel(f"vs {base} (%)")
+    bottom.legend(fontsize=7)
     bottom.set_xlabel("step")
     diff = 100 * summary["final_val_nelbo_rel_diff"]
+    spread = summary.get("seed_spread")
     top.set_title(
         f"{summary['tokens_per_run'] / 1e6:.1f}M tokens per run; final validation NELBO "
         f"differs by {diff:.2f}%"
+        + (f" (two bf16 seeds: {100 * spread['final_val_nelbo_rel_diff']:.2f}%)" if spread else "")
     )
     top.legend(fontsize=8)
     fig.tight_layout()
@@ -229,6 +256,11 @@ def main() -> None:
         help="train both at once (on one GPU: same results, about half the wall time, and "
         "tokens/s that are not benchmarks)",
     )
+    p.add_argument(
+        "--seed-spread",
+        action="store_true",
+        help="a third training, bf16 with seed + 1: the spread FP8's differences compare with",
+    )
     p.add_argument("--emulate-fp8", action="store_true", help="DLM_FP8_EMULATE=1 (CPU checks)")
     p.add_argument("--set", action="append", default=[], help="extra config override (both runs)")
     p.add_argument("--replot", action="store_true", help="only redraw the plot of OUT's results")
@@ -247,7 +279,8 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *([path] if path else [])])}
     if a.emulate_fp8:
         env["DLM_FP8_EMULATE"] = "1"
-    names = ["bf16" if a.device == "cuda" else "fp32", f"fp8-{a.recipe}"]  # CPU trains in fp32
+    base = "bf16" if a.device == "cuda" else "fp32"  # CPU trains in fp32
+    names = [base, f"fp8-{a.recipe}", *([base + SPREAD] if a.seed_spread else [])]
     procs, runs = {}, {}
 
     def finish(name: str) -> None:

@@ -110,6 +110,7 @@ def test_convergence_script_at_toy_size(demo_data, tmp_path):
         sys.executable, str(REPO / "experiments" / "fp8_convergence.py"), "--data", str(demo_data),
         "--out", str(out), "--preset", "toy", "--device", "cpu", "--emulate-fp8", "--steps", "6",
         "--tokens-per-step", "128", "--evals", "2", "--eval-batches", "1", "--concurrent",
+        "--seed-spread",
     ]  # fmt: skip
     # not this process's torch.distributed rendezvous (the `runtime` fixture's port is taken)
     dist = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -119,7 +120,13 @@ def test_convergence_script_at_toy_size(demo_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     curves = json.loads((out / "curves.json").read_text())
-    assert sorted(curves) == ["fp32", "fp8-tensorwise"]
+    assert sorted(curves) == ["fp32", "fp32-other-seed", "fp8-tensorwise"]
+    assert curves["fp32-other-seed"]["seed"] == curves["fp32"]["seed"] + 1
+    assert curves["fp32-other-seed"]["losses"] != curves["fp32"]["losses"]  # another seed
+    spread = summary["seed_spread"]
+    final = summary["final_val_nelbo"]
+    want = abs(final["fp32-other-seed"] - final["fp32"]) / final["fp32"]
+    assert spread["final_val_nelbo_rel_diff"] == pytest.approx(want)
     assert all(sorted(map(int, c["losses"])) == list(range(1, 7)) for c in curves.values())
     assert curves["fp8-tensorwise"]["fp8"] == "tensorwise" and curves["fp32"]["fp8"] == "off"
     assert curves["fp8-tensorwise"]["losses"] != curves["fp32"]["losses"]  # FP8 really on
