@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -11,12 +12,22 @@ from conftest import REPO
 
 from launcher.cli import COMMANDS, main
 
+DIST_ENV = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+"""torch.distributed's rendezvous variables: an in-process runtime (other tests) sets them, and
+its port is taken."""
+
 
 def python_last_line(code: str, timeout: int = 120) -> tuple[str, str]:
-    """Run `code` in a fresh interpreter at the repo root: (its last stdout line, its stderr);
-    it must exit 0."""
+    """Run `code` in a fresh interpreter at the repo root, with a rendezvous of its own: (its
+    last stdout line, its stderr); it must exit 0."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=timeout
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1], proc.stderr
