@@ -149,10 +149,15 @@ def smoothed(losses: dict[int, float], window: int) -> dict[int, float]:
     return out
 
 
+def final_nelbo(run: dict) -> float:
+    """The validation NELBO of a run's last evaluation."""
+    return run["evals"][max(run["evals"], key=int)]["val/nelbo_per_token_slot"]
+
+
 def differences(b: dict, f: dict, warmup: int) -> dict:
     """Run f against run b: relative difference of the final validation NELBO, and the largest
     of the smoothed training curves and of the evaluations after `warmup` steps."""
-    final = [r["evals"][max(r["evals"], key=int)]["val/nelbo_per_token_slot"] for r in (b, f)]
+    final = [final_nelbo(b), final_nelbo(f)]
     window = min(SMOOTH, max(1, len(b["losses"]) // 10))
     sb = smoothed({int(k): v for k, v in b["losses"].items()}, window)
     sf = smoothed({int(k): v for k, v in f["losses"].items()}, window)
@@ -179,10 +184,7 @@ def compare(runs: dict[str, dict], warmup: int) -> dict:
     base, name = next(iter(runs)), next(k for k in runs if k.startswith("fp8-"))
     b = runs[base]
     out = {
-        "final_val_nelbo": {
-            k: r["evals"][max(r["evals"], key=int)]["val/nelbo_per_token_slot"]
-            for k, r in runs.items()
-        },
+        "final_val_nelbo": {k: final_nelbo(r) for k, r in runs.items()},
         **differences(b, runs[name], warmup),
         "seconds": {k: r["seconds"] for k, r in runs.items()},
         "tokens_per_run": b["tokens"],

@@ -243,17 +243,18 @@ def head_activation_bytes(
     full head, or with `model.sparse_output` the sparse one at its worst case, every position a
     loss position (the masked fraction of a micro-batch varies from step to step)."""
     sb, h, v = s * b, model.hidden_size, v_pad // tp
+    # In bf16 the logits are upcast to fp32 for the CE: both copies exist until it returns.
+    upcast = e if e != 4 else 0  # bytes per logit of the compute-dtype copy
     if not model.sparse_output:
         saved = (4 + 2 * e) * sb * h + 4 * sb + 4 * sb * v + 9 * sb
-        # In bf16 the logits are upcast to fp32 for the CE: both copies exist until it returns.
-        return saved, e * sb * v if e != 4 else 0
+        return saved, upcast * sb * v
     n, chunk = sb, min(sb, max(1, CE_CHUNK_BYTES // (4 * v)))
     if model.sparse_output_recompute:  # the chunks' inputs (rows, targets) and the row indices
         saved = e * n * h + 16 * n
     else:  # the final norm's and output layer's inputs, G, the row indices
         saved = (4 + 2 * e) * n * h + e * n * v + 12 * n
     # one chunk at a time: its fp32 logits and softmax, and its logits in the compute dtype
-    return saved, chunk * v * (8 + (e if e != 4 else 0))
+    return saved, chunk * v * (8 + upcast)
 
 
 def _stage_activations(model: ModelConfig, v_pad: int, layout: Layout, k: int) -> int:
