@@ -87,7 +87,7 @@ def stage_ms(step_fn, steps: int = 3) -> dict[str, float]:
     """Device ms per step inside each MoE stage's record_function range, and the step's total."""
     from torch.profiler import ProfilerActivity
 
-    prof = profiled(step_fn, steps, ProfilerActivity.CUDA)
+    prof = profiled(step_fn, steps, [ProfilerActivity.CUDA])
     out = dict.fromkeys(STAGES, 0.0)
     total = 0.0
     for event in prof.events():

@@ -25,12 +25,12 @@ def categorize(name: str) -> str:
     return "other"
 
 
-def profiled(step_fn, steps: int, activity):
+def profiled(step_fn, steps: int, activities: list):
     """torch.profiler over `steps` steps, from an idle GPU to the end of their device work."""
     from torch.profiler import profile as torch_profile
 
     torch.cuda.synchronize()
-    with torch_profile(activities=[activity]) as prof:
+    with torch_profile(activities=activities) as prof:
         for _ in range(steps):
             step_fn()
         torch.cuda.synchronize()
@@ -41,7 +41,7 @@ def profile(step_fn, steps: int = 3) -> dict[str, float]:
     """Device milliseconds per step by kernel category."""
     from torch.profiler import ProfilerActivity
 
-    prof = profiled(step_fn, steps, ProfilerActivity.CUDA)
+    prof = profiled(step_fn, steps, [ProfilerActivity.CUDA])
     totals: dict[str, float] = {}
     kernels: dict[str, float] = {}
     for event in prof.key_averages():
@@ -87,7 +87,7 @@ def host_profile(step_fn, steps: int = 3) -> dict[str, float]:
     so compare the shares, not the totals, with the step time)."""
     from torch.profiler import ProfilerActivity
 
-    prof = profiled(step_fn, steps, ProfilerActivity.CPU)
+    prof = profiled(step_fn, steps, [ProfilerActivity.CPU])
     ops = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
     out = {
         "host_total": sum(ops.values()),
@@ -131,3 +131,73 @@ def sync_trace(step_fn) -> None:
         print("first host sync in a step:\n" + traceback.format_exc(limit=-12), flush=True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def gap_causes(step_fn, steps: int = 3, min_us: float = 50.0, top: int = 20) -> None:
+    """What the host was doing while the device idled: for each device gap of at least `min_us`
+    whose ending kernel was launched after the device went idle (the host was late), the host
+    ranges (operators and `record_function` labels, nested ones counted at every level) that
+    overlap the time from the gap's start to that launch, in ms per step. A gap whose kernel
+    was launched before it began waited on something else (another stream, an event) and is
+    counted apart. Reads the profiler's Chrome trace: its `correlation` ids tie each kernel to
+    the runtime call that launched it."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity
+
+    prof = profiled(step_fn, steps, [ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.loads(Path(f.name).read_text())["traceEvents"]
+    events = [e for e in trace if e.get("ph") == "X"]
+    print(summarize_gap_causes(events, steps, min_us, top), flush=True)
+
+
+DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_CATS = ("cpu_op", "user_annotation", "python_function")
+
+
+def summarize_gap_causes(events: list[dict], steps: int, min_us: float, top: int) -> str:
+    """`gap_causes` on the complete ("ph": "X") events of a Chrome trace."""
+    import bisect
+
+    device = sorted((e for e in events if e.get("cat") in DEVICE_CATS), key=lambda e: e["ts"])
+    launch = {
+        e["args"]["correlation"]: e["ts"]
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
+    late: list[tuple[float, float]] = []  # (device idle from, late launch) windows
+    other = 0.0
+    busy_until = device[0]["ts"] + device[0]["dur"] if device else 0.0
+    for e in device[1:]:
+        gap = e["ts"] - busy_until
+        if gap >= min_us:
+            launched = launch.get(e.get("args", {}).get("correlation"))
+            if launched is not None and launched > busy_until:
+                late.append((busy_until, min(launched, e["ts"])))
+            else:
+                other += gap
+        busy_until = max(busy_until, e["ts"] + e["dur"])
+    starts = [s for s, _ in late]
+    overlap: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") not in HOST_CATS:
+            continue
+        a, b = e["ts"], e["ts"] + e["dur"]
+        i = max(bisect.bisect_right(starts, a) - 1, 0)
+        while i < len(late) and late[i][0] < b:
+            lo, hi = max(a, late[i][0]), min(b, late[i][1])
+            if hi > lo:
+                overlap[e["name"][:90]] = overlap.get(e["name"][:90], 0.0) + hi - lo
+            i += 1
+    waited = sum(hi - lo for lo, hi in late)
+    lines = [
+        f"gap causes: {waited / 1e3 / steps:.2f} ms/step of device idle waiting for a late "
+        f"launch in {len(late) / steps:.1f} gaps; {other / 1e3 / steps:.2f} ms/step of gaps "
+        "whose kernel was already launched; host ranges during the late windows (ms/step):"
+    ]
+    ranked = sorted(overlap.items(), key=lambda kv: -kv[1])[:top]
+    lines += [f"  {v / 1e3 / steps:7.2f}  {k}" for k, v in ranked]
+    return "\n".join(lines)

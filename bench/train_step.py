@@ -44,9 +44,10 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profiling import host_profile, host_syncs, profile, sync_trace  # noqa: E402 - path above
+from profiling import gap_causes, host_profile, host_syncs, profile, sync_trace  # noqa: E402
 
 PEAK_FLOPS = 989e12
 
@@ -109,11 +110,20 @@ def run_ours(a, compile_layers: bool, fp8: str | None = None) -> dict:
         metrics.clear()
 
     def step():
-        batch = next_batch()
-        local = engine.train_step([batch], recipe.loss)  # the trainer's calls
-        pending.append(engine.global_metrics(local, recipe.train_metric_names))
-        if len(pending) == cfg.train.log_interval:  # the trainer reads metrics at its log lines
-            read(pending)
+        # labelled for --gap-causes (a no-op outside a profiler)
+        with record_function("bench: batch"):
+            batch = next_batch()
+        with record_function("bench: train_step"):
+            local = engine.train_step([batch], recipe.loss)  # the trainer's calls
+        with record_function("bench: metrics"):
+            pending.append(engine.global_metrics(local, recipe.train_metric_names))
+            if len(pending) == cfg.train.log_interval:  # the trainer reads at its log lines
+                read(pending)
+
+    if a.gap_causes:  # DeepSpeed's calls labelled too, for this diagnostic only
+        for name in ("forward", "backward", "step"):
+            method = getattr(engine.ds, name)
+            setattr(engine.ds, name, labelled(f"deepspeed: {name}", method))
 
     result = measure(step, a)
     read(pending)
@@ -142,6 +152,14 @@ def run_ours(a, compile_layers: bool, fp8: str | None = None) -> dict:
     result["fp8"] = cfg.model.fp8 or "off"
     result["params"] = sum(p.numel() for p in engine.ds.module.parameters())
     return result
+
+
+def labelled(label: str, fn):
+    def call(*args, **kwargs):
+        with record_function(label):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def run_reference(a, fp8: str | None = None) -> dict:
@@ -254,6 +272,8 @@ def measure(step_fn, a) -> dict:
         step_fn()
     sync()
     elapsed = (time.perf_counter() - t0) / a.steps
+    if a.gap_causes and cuda:
+        gap_causes(step_fn)
     return {
         "step_ms": elapsed * 1e3,
         "tokens_per_s": a.micro_batch * a.seq / elapsed,
@@ -352,6 +372,11 @@ def main() -> None:
     p.add_argument(
         "--sync-trace", action="store_true", help="print the stack of the first host sync in a step"
     )
+    p.add_argument(
+        "--gap-causes",
+        action="store_true",
+        help="what the host was doing while the device idled (a CPU+CUDA profile of 3 steps)",
+    )
     p.add_argument("--label", default="", help="name of this configuration in the table")
     p.add_argument("--out", default=None, help="append results as JSON lines here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -381,7 +406,7 @@ def main() -> None:
         if "error" in result:
             print(proc.stdout[-1500:], proc.stderr[-3000:], flush=True)
         else:  # the kernel list, and the host time to fetch and corrupt a batch
-            keep = ("  ", "host", "first host sync", "no host sync", "idle gaps")
+            keep = ("  ", "host", "first host sync", "no host sync", "idle gaps", "gap causes")
             print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(keep)))
             # with TORCH_LOGS=recompiles: a recompilation inside the timed steps shows here
             print("\n".join(ln[:300] for ln in proc.stderr.splitlines() if "ecompil" in ln))

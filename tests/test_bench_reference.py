@@ -17,16 +17,16 @@ from pretrain.model.parallelize import build_model
 VOCAB, MASK = 300, 299
 
 
-def _reference_module():
-    path = Path(__file__).parents[1] / "bench" / "reference.py"
-    spec = importlib.util.spec_from_file_location("bench_reference", path)
+def _bench_module(name: str):
+    path = Path(__file__).parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_reference_equals_our_model_and_loss(runtime):
-    ref_lib = _reference_module()
+    ref_lib = _bench_module("reference")
     cfg = ModelConfig(
         hidden_size=64,
         num_layers=2,
@@ -83,3 +83,43 @@ def test_the_head_benchmark_runs_every_variant_and_they_agree(tmp_path):
     assert all(r["ms"] > 0 and 0 < r["masked_rows"] < 32 * 4 for r in rows)
     for row in rows:
         assert max(row["grad_rel_diff_vs_recompute"].values()) <= 1e-5, row
+
+
+def test_gap_causes_blames_the_host_ranges_that_ran_while_the_device_waited():
+    profiling = _bench_module("profiling")
+
+    def kernel(ts, corr):
+        return {
+            "ph": "X",
+            "cat": "kernel",
+            "name": f"k{corr}",
+            "ts": ts,
+            "dur": 10,
+            "args": {"correlation": corr},
+        }
+
+    def launch(ts, corr):
+        return {
+            "ph": "X",
+            "cat": "cuda_runtime",
+            "name": "cudaLaunchKernel",
+            "ts": ts,
+            "dur": 2,
+            "args": {"correlation": corr},
+        }
+
+    def host(name, ts, dur):
+        return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        kernel(0, 1), launch(-5, 1),
+        kernel(100, 2), launch(90, 2),  # idle 10..100, launched late at 90: the host's fault
+        kernel(300, 3), launch(50, 3),  # idle 110..300, launched long before: not the host
+        host("optimizer", 0, 60), host("batch", 60, 35), host("outer", 0, 95),
+    ]  # fmt: skip
+    text = profiling.summarize_gap_causes(events, steps=1, min_us=50, top=5)
+    lines = text.splitlines()
+    assert "0.08 ms/step of device idle waiting for a late launch in 1.0 gaps" in lines[0]
+    assert "0.19 ms/step of gaps whose kernel was already launched" in lines[0]
+    ranked = [ln.split() for ln in lines[1:]]
+    assert ranked == [["0.08", "outer"], ["0.05", "optimizer"], ["0.03", "batch"]]
