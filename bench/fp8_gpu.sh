@@ -12,6 +12,10 @@
 #                                        model.sparse_output_recompute=false
 #   bash bench/fp8_gpu.sh head-fp8 OUT   the same with ours+fp8, plus compile_head with the
 #                                        output layer in FP8
+#   bash bench/fp8_gpu.sh options OUT    seq 2048 x 8, no profiler, one call: the reference, then
+#                                        ours bf16 and ours+fp8, each as it is and with
+#                                        model.sparse_output_recompute=false, and in FP8 that
+#                                        with model.compile_head or the output layer in FP8
 #   bash bench/fp8_gpu.sh convergence DATA OUT [ARGS...]
 #                                        experiments/fp8_convergence.py on shards DATA, both
 #                                        trainings at once (--concurrent)
@@ -68,6 +72,19 @@ head | head-fp8)
             --set model.compile_head=true --set model.fp8_output_layer=true \
             --label compile_head+fp8_output_layer --out "$out/$1.jsonl" >>"$out/$1.log" 2>&1
     fi
+    ;;
+options)
+    out=$2 && mkdir -p "$out"
+    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes reference --no-profile \
+        --out "$out/options.jsonl" >"$out/options.log" 2>&1
+    stored=model.sparse_output_recompute=false
+    for run in "ours+compile default" "ours+compile $stored" "ours+fp8 default" "ours+fp8 $stored" \
+        "ours+fp8 $stored,model.compile_head=true" "ours+fp8 $stored,model.fp8_output_layer=true"; do
+        mode=${run%% *} opts=${run#* } sets=()
+        [ "$opts" = default ] || for o in ${opts//,/ }; do sets+=(--set "$o"); done
+        "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes "$mode" --no-profile "${sets[@]}" \
+            --label "$opts" --out "$out/options.jsonl" >>"$out/options.log" 2>&1
+    done
     ;;
 block)
     out=$2 && mkdir -p "$out"

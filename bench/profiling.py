@@ -101,21 +101,30 @@ def host_profile(step_fn, steps: int = 3) -> dict[str, float]:
 
 
 def host_syncs(step_fn) -> list[str]:
-    """Source locations of the operations that make the host wait for the GPU in one step."""
+    """Source locations of the operations that make the host wait for the GPU in one step: the
+    innermost calling frame outside torch itself (a `torch.cuda.synchronize()` inside a library
+    is named by the library's line, not torch's)."""
+    import traceback
     import warnings
 
-    with warnings.catch_warnings(record=True) as caught:
+    where: list[str] = []
+
+    def record(message, category, filename, lineno, *rest):
+        if "synchroniz" not in str(message):
+            return
+        frames = traceback.extract_stack()[:-1]
+        outside = [f for f in frames if not any(t in f.filename for t in ("/torch/", "warnings"))]
+        frame = outside[-1] if outside else frames[-1]
+        where.append(f"{'/'.join(Path(frame.filename).parts[-3:])}:{frame.lineno}")
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step_fn()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    where = [
-        f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}"
-        for w in caught
-        if "synchroniz" in str(w.message)
-    ]
     return sorted(set(where), key=where.index)
 
 

@@ -4,6 +4,7 @@ knows the masked count it hands the model, and metrics stay tensors until the wi
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +106,31 @@ def test_per_position_corruption_runs_on_the_host_copy(overrides):
     on_meta = obj.prepare(x0.to("meta"), key, loss_mask, x0_host=x0)
     assert on_meta.masked.device.type == "meta" and on_meta.loss_weights.device.type == "meta"
     assert on_meta.num_masked == on_cpu.num_masked == int(on_cpu.masked.sum()) > 0
+
+
+@pytest.mark.parametrize("master_weights", ["deepspeed", "fused"])
+def test_the_engine_step_never_synchronises_the_device(
+    runtime, demo_data, tmp_path, monkeypatch, master_weights
+):
+    """DeepSpeed's throughput timer synchronises the accelerator at every forward and step
+    unless disabled; our config disables it (on a GPU each sync drains the device's queue)."""
+    from conftest import tiny_overrides
+    from deepspeed.accelerator import get_accelerator
+
+    from pretrain.config import load_config
+    from pretrain.run import build_run
+
+    accelerator = get_accelerator()
+    calls = []
+    real = accelerator.synchronize
+    monkeypatch.setattr(accelerator, "synchronize", lambda *a: calls.append(a) or real(*a))
+    overrides = tiny_overrides(demo_data, tmp_path, master_weights)
+    tiny = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+    cfg = load_config(tiny, [*overrides, f"optim.master_weights={master_weights}"])
+    run = build_run(cfg)
+    try:
+        for step in range(4):  # DeepSpeed's timer starts synchronising at its second step
+            run.engine.train_step(run.step_batches(step), run.recipe.loss)
+    finally:
+        run.close()
+    assert calls == []
