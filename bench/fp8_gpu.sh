@@ -16,6 +16,10 @@
 #                                        ours bf16 and ours+fp8, each as it is and with
 #                                        model.sparse_output_recompute=false, and in FP8 that
 #                                        with model.compile_head or the output layer in FP8
+#   bash bench/fp8_gpu.sh goals OUT      the figures with the head options that paid:
+#                                        seq 2048 x 8 reference, ours+fp8 with and without
+#                                        model.compile_head, ours bf16 with it; seq 4096 x 4
+#                                        reference and ours+fp8; block diffusion ours+fp8, bf16
 #   bash bench/fp8_gpu.sh convergence DATA OUT [ARGS...]
 #                                        experiments/fp8_convergence.py on shards DATA, both
 #                                        trainings at once (--concurrent)
@@ -85,6 +89,21 @@ options)
         "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes "$mode" --no-profile "${sets[@]}" \
             --label "$opts" --out "$out/options.jsonl" >>"$out/options.log" 2>&1
     done
+    ;;
+goals)
+    out=$2 && mkdir -p "$out"
+    best=(--set model.sparse_output_recompute=false --set model.compile_head=true)
+    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes reference,ours+fp8 --no-profile "${best[@]}" \
+        --label compile_head --out "$out/goals.jsonl" >"$out/goals.log" 2>&1
+    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+fp8 --no-profile "${best[@]:0:2}" \
+        --label stored --out "$out/goals.jsonl" >>"$out/goals.log" 2>&1
+    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+compile --no-profile "${best[@]}" \
+        --label compile_head --out "$out/goals.jsonl" >>"$out/goals.log" 2>&1
+    "${BENCH[@]}" --seq 4096 --micro-batch 4 --modes reference,ours+fp8 --no-profile "${best[@]}" \
+        --label compile_head --out "$out/goals.jsonl" >>"$out/goals.log" 2>&1
+    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+fp8,ours+compile --no-profile \
+        "${best[@]}" --set diffusion.objective=block --set model.attention_backend=flex \
+        --label block --out "$out/goals.jsonl" >>"$out/goals.log" 2>&1
     ;;
 block)
     out=$2 && mkdir -p "$out"
