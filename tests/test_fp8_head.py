@@ -50,7 +50,7 @@ def test_the_output_layer_can_stay_in_bf16(runtime):
 
 
 def test_compile_flag_compiles_only_the_linears_outside_the_layers(runtime):
-    cfg = model_cfg("tensorwise", compile=True)
+    cfg = model_cfg("tensorwise", compile=True, compile_head=False)  # the head's linear alone
     module = build(cfg, vocab=VOCAB, mask=MASK, seed=SEED, sequence_parallel=False)
     converted = apply_fp8(module, cfg, device=CPU, emulate=True)
     compiled = [n for n in converted if module.get_submodule(n).fp8_plan.compiled]

@@ -130,10 +130,10 @@ def _saved_bytes(model: torch.nn.Module, tokens: torch.Tensor, sparse: bool) -> 
     "head",
     [
         {"sparse_output": False},
-        {"sparse_output": True},
+        {"sparse_output": True, "sparse_output_recompute": True},
         {"sparse_output": True, "sparse_output_recompute": False},
     ],
-    ids=["dense-head", "sparse-head", "sparse-head-stored"],
+    ids=["dense-head", "sparse-head-recompute", "sparse-head-stored"],
 )
 def test_activation_formula_equals_saved_tensors(runtime, dtype, groups, ckpt, head):
     from pretrain.model.parallelize import build_model

@@ -150,9 +150,9 @@ SP = {"parallel.tensor_parallel": 2, "parallel.sequence_parallel": True}
         {"parallel.tensor_parallel": 2},
         {"parallel.pipeline_parallel": 2},
         SP,
-        {"parallel.tensor_parallel": 2, "model.sparse_output_recompute": False},
+        {"parallel.tensor_parallel": 2, "model.sparse_output_recompute": True},
     ],
-    ids=["tp2", "pp2", "tp2-sequence-parallel", "tp2-stored-logit-gradient"],
+    ids=["tp2", "pp2", "tp2-sequence-parallel", "tp2-recomputed-head"],
 )
 def test_model_parallel_matches_single_process(reference, demo_data, tmp_path, layout):
     run = {
