@@ -337,6 +337,11 @@ def add_step_arguments(p, config: str, *, micro_batch: int, warmup: int, steps: 
     p.add_argument("--documents", type=int, default=docs, help="demo documents if building")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument(
+        "--gap-causes",
+        action="store_true",
+        help="what the host was doing while the device idled (a CPU+CUDA profile of 3 steps)",
+    )
+    p.add_argument(
         "--device", choices=("cuda", "cpu"), default="cuda", help="cpu: checks the script only"
     )
 
@@ -371,11 +376,6 @@ def main() -> None:
     p.add_argument("--sync-debug", action="store_true", help="list host syncs of one step")
     p.add_argument(
         "--sync-trace", action="store_true", help="print the stack of the first host sync in a step"
-    )
-    p.add_argument(
-        "--gap-causes",
-        action="store_true",
-        help="what the host was doing while the device idled (a CPU+CUDA profile of 3 steps)",
     )
     p.add_argument("--label", default="", help="name of this configuration in the table")
     p.add_argument("--out", default=None, help="append results as JSON lines here")
