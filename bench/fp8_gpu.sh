@@ -8,18 +8,20 @@
 #                                        and ours+fp8
 #   bash bench/fp8_gpu.sh head OUT       bench/head_step.py (the head alone, eager and compiled);
 #                                        then seq 2048 x 8, no profiler: the reference and ours
-#                                        bf16 as it is, with model.compile_head, and with
-#                                        model.sparse_output_recompute=false
+#                                        bf16 with the head recomputing its chunks eagerly (the
+#                                        defaults before 2026-12-01 evening), with
+#                                        model.compile_head, and with the logit gradient kept
 #   bash bench/fp8_gpu.sh head-fp8 OUT   the same with ours+fp8, plus compile_head with the
 #                                        output layer in FP8
 #   bash bench/fp8_gpu.sh options OUT    seq 2048 x 8, no profiler, one call: the reference, then
-#                                        ours bf16 and ours+fp8, each as it is and with
-#                                        model.sparse_output_recompute=false, and in FP8 that
-#                                        with model.compile_head or the output layer in FP8
-#   bash bench/fp8_gpu.sh goals OUT      the figures with the head options that paid:
-#                                        seq 2048 x 8 reference, ours+fp8 with and without
-#                                        model.compile_head, ours bf16 with it; seq 4096 x 4
-#                                        reference and ours+fp8; block diffusion ours+fp8, bf16
+#                                        ours bf16 and ours+fp8 with the head recomputing and
+#                                        with the logit gradient kept, and in FP8 the kept
+#                                        gradient with model.compile_head or the output layer in FP8
+#   bash bench/fp8_gpu.sh goals OUT      the figures with today's defaults (the logit
+#                                        gradient kept, the head's chunks compiled): seq 2048 x 8
+#                                        reference, ours+fp8 (and with the head eager), ours
+#                                        bf16; seq 4096 x 4 reference and ours+fp8; block
+#                                        diffusion ours+fp8 and bf16
 #   bash bench/fp8_gpu.sh convergence DATA OUT [ARGS...]
 #                                        experiments/fp8_convergence.py on shards DATA, both
 #                                        trainings at once (--concurrent)
@@ -31,6 +33,19 @@ export PYTHONPATH="${SITE:-/tmp/site}:$PWD" TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUF
 export TORCH_LOGS=recompiles
 BENCH=(python3 bench/train_step.py --config configs/llada-1b.yaml --warmup 12 --steps 20
     --set optim.master_weights=fused --set parallel.zero_stage=0)
+
+# one benchmark call without the profiler: `bench SEQ MICRO MODES LABEL OUT SETTING...` appends
+# to OUT.jsonl and OUT.log, each SETTING a config override. The head's settings are always
+# named in full, so a variant measures the same thing whatever the defaults are.
+bench() {
+    local seq=$1 micro=$2 modes=$3 label=$4 out=$5 sets=() setting
+    shift 5
+    for setting in "$@"; do sets+=(--set "$setting"); done
+    "${BENCH[@]}" --seq "$seq" --micro-batch "$micro" --modes "$modes" --no-profile \
+        "${sets[@]}" --label "$label" --out "$out.jsonl" >>"$out.log" 2>&1
+}
+RECOMPUTE=model.sparse_output_recompute=true STORED=model.sparse_output_recompute=false
+EAGER_HEAD=model.compile_head=false COMPILED_HEAD=model.compile_head=true
 
 case "${1:-}" in
 speed)
@@ -54,8 +69,7 @@ EOF
     ;;
 head | head-fp8)
     # the sparse head's options against the reference of the same call (one call each fits the
-    # 10-minute limit): as they are, with model.compile_head, with the logit gradient kept
-    # instead of recomputed; in FP8 also compile_head with the output layer in FP8
+    # 10-minute limit)
     out=$2 && mkdir -p "$out"
     mode=ours+compile && [ "$1" = head-fp8 ] && mode=ours+fp8
     if [ "$1" = head ]; then
@@ -64,46 +78,34 @@ head | head-fp8)
                 --micro-batch 8 $compiled --out "$out/head-alone.jsonl" >>"$out/head-alone.log" 2>&1
         done
     fi
-    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes reference --no-profile \
-        --out "$out/$1.jsonl" >"$out/$1.log" 2>&1
-    for opts in "" model.compile_head=true model.sparse_output_recompute=false; do
-        "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes "$mode" --no-profile \
-            ${opts:+--set "$opts"} --label "${opts:-default}" \
-            --out "$out/$1.jsonl" >>"$out/$1.log" 2>&1
-    done
+    bench 2048 8 reference reference "$out/$1"
+    bench 2048 8 "$mode" recompute "$out/$1" "$RECOMPUTE" "$EAGER_HEAD"
+    bench 2048 8 "$mode" compile_head "$out/$1" "$RECOMPUTE" "$COMPILED_HEAD"
+    bench 2048 8 "$mode" stored "$out/$1" "$STORED" "$EAGER_HEAD"
     if [ "$1" = head-fp8 ]; then
-        "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+fp8 --no-profile \
-            --set model.compile_head=true --set model.fp8_output_layer=true \
-            --label compile_head+fp8_output_layer --out "$out/$1.jsonl" >>"$out/$1.log" 2>&1
+        bench 2048 8 ours+fp8 compile_head+fp8_output_layer "$out/$1" "$RECOMPUTE" \
+            "$COMPILED_HEAD" model.fp8_output_layer=true
     fi
     ;;
 options)
-    out=$2 && mkdir -p "$out"
-    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes reference --no-profile \
-        --out "$out/options.jsonl" >"$out/options.log" 2>&1
-    stored=model.sparse_output_recompute=false
-    for run in "ours+compile default" "ours+compile $stored" "ours+fp8 default" "ours+fp8 $stored" \
-        "ours+fp8 $stored,model.compile_head=true" "ours+fp8 $stored,model.fp8_output_layer=true"; do
-        mode=${run%% *} opts=${run#* } sets=()
-        [ "$opts" = default ] || for o in ${opts//,/ }; do sets+=(--set "$o"); done
-        "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes "$mode" --no-profile "${sets[@]}" \
-            --label "$opts" --out "$out/options.jsonl" >>"$out/options.log" 2>&1
+    out=$2/options && mkdir -p "$2"
+    bench 2048 8 reference reference "$out"
+    for mode in ours+compile ours+fp8; do
+        bench 2048 8 "$mode" recompute "$out" "$RECOMPUTE" "$EAGER_HEAD"
+        bench 2048 8 "$mode" stored "$out" "$STORED" "$EAGER_HEAD"
     done
+    bench 2048 8 ours+fp8 stored+compile_head "$out" "$STORED" "$COMPILED_HEAD"
+    bench 2048 8 ours+fp8 stored+fp8_output_layer "$out" "$STORED" "$EAGER_HEAD" \
+        model.fp8_output_layer=true
     ;;
 goals)
-    out=$2 && mkdir -p "$out"
-    best=(--set model.sparse_output_recompute=false --set model.compile_head=true)
-    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes reference,ours+fp8 --no-profile "${best[@]}" \
-        --label compile_head --out "$out/goals.jsonl" >"$out/goals.log" 2>&1
-    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+fp8 --no-profile "${best[@]:0:2}" \
-        --label stored --out "$out/goals.jsonl" >>"$out/goals.log" 2>&1
-    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+compile --no-profile "${best[@]}" \
-        --label compile_head --out "$out/goals.jsonl" >>"$out/goals.log" 2>&1
-    "${BENCH[@]}" --seq 4096 --micro-batch 4 --modes reference,ours+fp8 --no-profile "${best[@]}" \
-        --label compile_head --out "$out/goals.jsonl" >>"$out/goals.log" 2>&1
-    "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+fp8,ours+compile --no-profile \
-        "${best[@]}" --set diffusion.objective=block --set model.attention_backend=flex \
-        --label block --out "$out/goals.jsonl" >>"$out/goals.log" 2>&1
+    out=$2/goals && mkdir -p "$2"
+    bench 2048 8 reference,ours+fp8 defaults "$out" "$STORED" "$COMPILED_HEAD"
+    bench 2048 8 ours+fp8 stored "$out" "$STORED" "$EAGER_HEAD"
+    bench 2048 8 ours+compile defaults "$out" "$STORED" "$COMPILED_HEAD"
+    bench 4096 4 reference,ours+fp8 defaults "$out" "$STORED" "$COMPILED_HEAD"
+    bench 2048 8 ours+fp8,ours+compile block "$out" "$STORED" "$COMPILED_HEAD" \
+        diffusion.objective=block model.attention_backend=flex
     ;;
 block)
     out=$2 && mkdir -p "$out"
