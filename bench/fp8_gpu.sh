@@ -22,6 +22,11 @@
 #                                        reference, ours+fp8 (and with the head eager), ours
 #                                        bf16; seq 4096 x 4 reference and ours+fp8; block
 #                                        diffusion ours+fp8 and bf16
+#   bash bench/fp8_gpu.sh trees OUT SEQ MICRO NAME=DIR...
+#                                        no profiler: the reference, then ours bf16 and ours+fp8
+#                                        from this tree and from each DIR (a copy of another
+#                                        tree's `pretrain` package, put first on PYTHONPATH), so
+#                                        a change is measured against the code before it
 #   bash bench/fp8_gpu.sh convergence DATA OUT [ARGS...]
 #                                        experiments/fp8_convergence.py on shards DATA, both
 #                                        trainings at once (--concurrent)
@@ -107,6 +112,15 @@ goals)
     bench 2048 8 ours+fp8,ours+compile block "$out" "$STORED" "$COMPILED_HEAD" \
         diffusion.objective=block model.attention_backend=flex
     ;;
+trees)
+    out=$2/trees seq=$3 micro=$4 && mkdir -p "$2"
+    bench "$seq" "$micro" reference reference "$out" "$STORED" "$COMPILED_HEAD"
+    bench "$seq" "$micro" ours+compile,ours+fp8 this "$out" "$STORED" "$COMPILED_HEAD"
+    for tree in "${@:5}"; do
+        PYTHONPATH="${SITE:-/tmp/site}:${tree#*=}:$PWD" bench "$seq" "$micro" \
+            ours+compile,ours+fp8 "${tree%%=*}" "$out" "$STORED" "$COMPILED_HEAD"
+    done
+    ;;
 block)
     out=$2 && mkdir -p "$out"
     "${BENCH[@]}" --seq 2048 --micro-batch 8 --modes ours+compile,ours+fp8 --no-profile \
@@ -119,7 +133,7 @@ convergence)
     python3 experiments/fp8_convergence.py --data "$data" --out "$out" --concurrent "$@"
     ;;
 *)
-    sed -n '2,19p' "$0"
+    sed -n '2,32p' "$0"
     exit 2
     ;;
 esac

@@ -11,7 +11,9 @@ import torch
 # kernel-name fragments -> category, first match wins (CUDA kernel names of torch 2.11 / cuDNN 9)
 KERNEL_CATEGORIES = [
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "mha")),
-    ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "unscale")),
+    # "pow_rsub_sqrt": inductor's name for the compiled AdamW pass of our fused optimizer
+    # (pretrain.parallel.master_adamw.adamw_update_: 1 - beta ** step, sqrt(v))
+    ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "unscale", "pow_rsub_sqrt")),
     ("loss", ("cross_entropy", "log_softmax", "logsumexp", "nll_loss", "softmax")),
     ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "matmul")),
 ]

@@ -115,3 +115,42 @@ def test_a_parameter_without_gradient_in_a_step_contributes_nothing():
     opt.step()
     assert abs(opt._global_grad_norm.item() - (2 * 9) ** 0.5) < 1e-5
     assert opt.state[q]["grad"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "float32"])
+def test_one_pass_update_equals_torch_adamw_and_compiles_to_the_same(weights):
+    """`adamw_update_` (the step's one pass over the flat buffers) against torch.optim.AdamW on
+    fp32 copies: 3 steps with clipping, weight decay and a changing lr. The compiled version
+    (what GPUs run) equals the eager one, and a skipped step changes nothing."""
+    import torch
+
+    from pretrain.parallel.master_adamw import adamw_update_
+
+    torch.manual_seed(0)
+    n, dtype = 1000, getattr(torch, weights)
+    grads = [torch.randn(n) for _ in range(3)]
+    ref = torch.nn.Parameter(torch.randn(n))
+    opt = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    runs = {}
+    for name, fn in (("eager", adamw_update_), ("compiled", torch.compile(adamw_update_))):
+        master = ref.detach().clone()
+        param = master.to(dtype, copy=True)
+        m, v, step = torch.zeros(n), torch.zeros(n), torch.zeros(())
+        for i, g in enumerate(grads):
+            step += 1
+            kw = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, skip=None)
+            fn(param, master, g, m, v, step=step, lr=torch.tensor(1e-2 / (i + 1)),
+               clip=torch.tensor(0.5), **kw)  # fmt: skip
+        before = master.clone()
+        fn(param, master, grads[0], m, v, step=step, lr=torch.tensor(1.0), clip=None,
+           **{**kw, "skip": torch.tensor(1.0)})  # fmt: skip
+        assert torch.equal(master, before)
+        assert torch.equal(param, master.to(dtype))
+        runs[name] = master
+    for i, g in enumerate(grads):
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 / (i + 1)
+        ref.grad = g * 0.5
+        opt.step()
+    torch.testing.assert_close(runs["eager"], ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(runs["compiled"], runs["eager"], rtol=1e-6, atol=1e-7)

@@ -199,3 +199,24 @@ def test_the_layer_stack_compiles_into_one_graph(model):
     explained = torch._dynamo.explain(model.trunk)(hidden, None, rope)
     assert explained.graph_break_count == 0, [str(b.reason)[:120] for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_from_tables_equals_megatrons_rope_of_the_angles(dtype):
+    """Our core attention rotates q and k with cos/sin tables made once (`RopeTable`); Megatron's
+    unfused RoPE, which the layers no longer run, took the angles: the results are identical,
+    also at gathered positions (block diffusion's two copies)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from pretrain.model.attention import apply_rope
+    from pretrain.model.layers import RotaryEmbedding
+
+    s, d = 24, 16
+    rotary = RotaryEmbedding(d, 10000.0)
+    t = torch.randn(s, 2, 3, d).to(dtype)  # [s, b, heads, d]
+    positions = torch.arange(s // 2).repeat(2)
+    inv_freq = rotary.inv_freq
+    for table, pos in ((rotary(s), torch.arange(s)), (rotary(s).rows(positions), positions)):
+        freqs = torch.outer(pos.float(), inv_freq)
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+        assert torch.equal(apply_rope(t, table), _apply_rotary_pos_emb_bshd(t, angles))

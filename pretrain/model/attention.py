@@ -10,6 +10,14 @@ documents of packed blocks; `pretrain.model.masks`), which reaches each backend 
 `prepare` hook makes of it, once per forward: a dense bool tensor broadcastable to
 [batch, heads, s_q, s_k], a FlexAttention BlockMask, or the documents' variable-length segments.
 Which patterns exist is the objectives' business (`pretrain.diffusion.masks`), not the model's.
+
+RoPE runs here too, from cos/sin tables made once per sequence length (`RopeTable`), which reach
+every layer with the mask as one `AttentionInputs` (Megatron's `SelfAttention` hands its
+`attention_mask` argument to core attention untouched, and gets no rotary embedding, so it
+applies none). Megatron's own unfused RoPE takes the angles and computes their cos and sin for
+every element of q and k, in every layer, forward and backward: at llada-1b 8 x 2048 on an H200
+that was a few ms of each step's transcendental arithmetic (bench/README.md). The rotation is
+Megatron's (rotate-half, cos and sin cast to q's dtype first), so results are unchanged.
 """
 
 from __future__ import annotations
@@ -41,6 +49,35 @@ class AttentionBackend:
 
 
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {}
+
+
+@dataclass(frozen=True)
+class RopeTable:
+    """cos and sin of RoPE's angles, fp32 [s, 1, 1, head_dim] (Megatron's [s, b, heads, d])."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def rows(self, position_ids: torch.Tensor) -> RopeTable:
+        """The table at positions `position_ids` [s'] (a gather: no device sync)."""
+        return RopeTable(self.cos[position_ids], self.sin[position_ids])
+
+
+def apply_rope(t: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+    """t [s, b, heads, d] rotated by `rope` (rotate-half pairs j and j + d/2), in t's dtype."""
+    cos, sin = rope.cos.to(t.dtype), rope.sin.to(t.dtype)
+    first, second = t.chunk(2, dim=-1)
+    return t * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What each layer's core attention takes besides q, k, v, made once per forward: the mask
+    in its backend's form (`AttentionBackend.prepare`; None: bidirectional) and RoPE's table
+    (None: no rotary embedding)."""
+
+    mask: object = None
+    rope: RopeTable | None = None
 
 
 def register_attention(
@@ -246,6 +283,11 @@ class CoreAttention(MegatronModule):
     ) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("packed sequences / attention bias are not supported")
+        rope = None
+        if isinstance(attention_mask, AttentionInputs):
+            attention_mask, rope = attention_mask.mask, attention_mask.rope
+        if rope is not None:
+            query, key = apply_rope(query, rope), apply_rope(key, rope)
         if isinstance(attention_mask, AttentionMask | DocumentMask):  # not prepared upstream
             attention_mask = self.backend.prepare(AttentionMask.of(attention_mask))
         elif isinstance(attention_mask, torch.Tensor) and not self.backend.supports_mask:

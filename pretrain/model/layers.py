@@ -21,7 +21,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
-from pretrain.model.attention import CoreAttention
+from pretrain.model.attention import CoreAttention, RopeTable
 
 
 class RMSNorm(torch.nn.Module):
@@ -50,25 +50,26 @@ class RMSNorm(torch.nn.Module):
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """RoPE angles in Megatron's layout: [s, 1, 1, head_dim], angle_{p,j} = p * base^(-2j/d).
+    """RoPE's cos/sin table in Megatron's layout, [s, 1, 1, head_dim], of the angles
+    angle_{p,j} = p * base^(-2j/d), made once per sequence length and kept.
 
     The two halves repeat the same frequencies (non-interleaved, "rotate_half" convention, as in
-    Llama), which is what `apply_rotary_pos_emb` in Megatron's attention expects.
+    Llama); `pretrain.model.attention.apply_rope` rotates q and k with it.
     """
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self._cache: tuple[int, torch.device, torch.Tensor] | None = None
+        self._cache: tuple[int, torch.device, RopeTable] | None = None
 
-    def forward(self, seq_len: int) -> torch.Tensor:
+    def forward(self, seq_len: int) -> RopeTable:
         device = self.inv_freq.device
         if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
             positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(positions, self.inv_freq)  # [s, d/2]
+            freqs = torch.outer(positions, self.inv_freq.float())  # [s, d/2]
             emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [s, 1, 1, d]
-            self._cache = (seq_len, device, emb)
+            self._cache = (seq_len, device, RopeTable(emb.cos(), emb.sin()))
         return self._cache[2]
 
 

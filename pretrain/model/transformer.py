@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig, MoEConfig
 from pretrain.config.schema import padded_vocab_size
-from pretrain.model.attention import get_attention_backend
+from pretrain.model.attention import AttentionInputs, RopeTable, get_attention_backend
 from pretrain.model.head_loss import StoredGradientCE, ce_and_logit_grad, scale_rows
 from pretrain.model.layers import RMSNorm, RotaryEmbedding, build_layer
 from pretrain.model.masks import AttentionMask, DocumentMask
@@ -434,9 +434,11 @@ class DLMTransformer(torch.nn.Module):
         )
 
 
-def run_layer(layer, hidden, attention_mask, rope, recompute: bool) -> torch.Tensor:
+def run_layer(layer, hidden, attention_mask, rope: RopeTable, recompute: bool) -> torch.Tensor:
     """One Megatron TransformerLayer on hidden [s, b, h]; `recompute` re-runs it in backward
-    (an MoE layer with its forward's routing: `moe.keep_routing`)."""
+    (an MoE layer with its forward's routing: `moe.keep_routing`). The mask and RoPE's table
+    reach our core attention together (`AttentionInputs`); Megatron applies no RoPE itself."""
+    inputs = AttentionInputs(mask=attention_mask, rope=rope)
     if recompute:
         # Not for compiled layers: selective checkpointing around a compiled MoE layer gave the
         # experts wrong gradients (up to 10% off on CPU, torch 2.13; tests/test_moe.py).
@@ -444,19 +446,19 @@ def run_layer(layer, hidden, attention_mask, rope, recompute: bool) -> torch.Ten
         moe = isinstance(layer.mlp, MoEBlock) and not compiled
         replay = {"context_fn": routing_replay} if moe else {}
         return checkpoint(
-            lambda h: layer(h, attention_mask=attention_mask, rotary_pos_emb=rope)[0],
+            lambda h: layer(h, attention_mask=inputs, rotary_pos_emb=None)[0],
             hidden,
             use_reentrant=False,
             **replay,
         )
-    return layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rope)[0]
+    return layer(hidden, attention_mask=inputs, rotary_pos_emb=None)[0]
 
 
-def rope_table(rotary: RotaryEmbedding, seq_len: int, position_ids) -> torch.Tensor:
-    """RoPE angles [s, 1, 1, d] for positions 0..s-1, or for `position_ids` [s] (a gather, not
-    a max(): no device sync for the table size)."""
+def rope_table(rotary: RotaryEmbedding, seq_len: int, position_ids) -> RopeTable:
+    """RoPE's cos/sin [s, 1, 1, d] for positions 0..s-1, or for `position_ids` [s] (a gather,
+    not a max(): no device sync for the table size)."""
     rope = rotary(seq_len)
-    return rope if position_ids is None else rope[position_ids]
+    return rope if position_ids is None else rope.rows(position_ids)
 
 
 def prepare_mask(prepare, attention_mask):

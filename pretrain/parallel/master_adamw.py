@@ -1,4 +1,4 @@
-"""AdamW on fp32 master weights of bf16 parameters, in a handful of multi-tensor kernels,
+"""AdamW on fp32 master weights of bf16 parameters, in one fused pass over flat buffers,
 optionally sharded over the data-parallel ranks (a distributed optimizer, ZeRO-1).
 
     during backward   g32_i  = g16_i          (the first gradient of p_i in a step: a copy)
@@ -8,8 +8,9 @@ optionally sharded over the data-parallel ranks (a distributed optimizer, ZeRO-1
                       g32 <- mean over data-parallel replicas (one all-reduce of the flat buffer;
                              sharded: a reduce-scatter, each rank keeps its 1/dp slice)
                       c = min(1, max_norm / ||g32||)               (computed on the device)
-                      AdamW(p32, c * g32, m, v)    (one fused kernel, on this rank's slice)
-                      p16 <- bf16(p32)             (sharded: then all-gather the flat params)
+                      AdamW(p32, c * g32, m, v); p16 <- bf16(p32)
+                                                   (one pass on this rank's slice; sharded:
+                                                   then all-gather the flat params)
 
 `optim.master_weights=fused` uses it in place of DeepSpeed's bf16/ZeRO optimizer: the same
 maths, without per-parameter Python bookkeeping or host synchronisation in the step (the clip
@@ -23,11 +24,22 @@ experts), so they get their own flat buffer, reduced (and sharded) over that gro
 gradient it is divided by the full data-parallel size, since each rank's loss is the mean over
 its own tokens. The gradient norm counts every expert once.
 
-Sharding (`shard=True`, with `parallel.zero_stage=1`): the parameters of this rank (its TP
-shards and pipeline stage) are laid out in one flat buffer, split into dp equal slices; rank r
-keeps the fp32 master weights and both moments of slice r only (12 bytes per parameter / dp),
-and the full fp32 gradient buffer. The parameters themselves become views into a flat buffer so
-that one all-gather refreshes all of them. Checkpoints read and write whole per-parameter
+Flat buffers. The parameters of this rank (its TP shards and pipeline stage) become views of
+one flat buffer, each starting on a 128-byte boundary (`ALIGN`: the GEMMs' operands stay
+aligned); the fp32 gradients, master weights and moments are flat buffers of the same layout.
+The step is then one elementwise pass per parameter group (`adamw_update_`), compiled on GPUs
+by torch.compile into a single kernel that reads the gradient, master weight and both moments
+once and writes the master, the moments and the bf16 weight: 30 bytes per parameter, where
+torch's fused AdamW plus the clip and the bf16 copy move 42 (the clip a pass of its own, the
+copy re-reading the master). No library has that kernel (torch's `_fused_adamw_` updates the
+fp32 tensors only; apex's and Transformer Engine's master-weight Adam are not installable on
+every machine we run on), and torch.compile writes it from the same few lines of PyTorch that
+run eagerly on CPUs.
+
+Sharding (`shard=True`, with `parallel.zero_stage=1`): the flat layout is split into dp equal
+slices; rank r keeps the fp32 master weights and both moments of slice r only (12 bytes per
+parameter / dp), and the full fp32 gradient buffer; one all-gather of the flat parameters
+refreshes every parameter. Checkpoints read and write whole per-parameter
 tensors (`full_state`, collective over DP; `load_state`), so they do not depend on dp.
 """
 
@@ -38,6 +50,12 @@ import torch.distributed as dist
 
 # checkpoint kinds -> state keys
 _KINDS = (("param", "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"))
+ALIGN = 64
+"""Each parameter's offset in the flat buffers is a multiple of this many elements (128 bytes
+in bf16); the holes between parameters hold zeros, which the step leaves at zero."""
+
+MAX_RUN = 2**30
+"""The longest slice one update or norm kernel takes (elements)."""
 
 
 def _size(group) -> int:
@@ -48,24 +66,102 @@ def _rank(group) -> int:
     return dist.get_rank(group) if group is not None else 0
 
 
+def adamw_update_(
+    param: torch.Tensor,
+    master: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: torch.Tensor,
+    lr: torch.Tensor,
+    clip: torch.Tensor | None,
+    skip: torch.Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step (torch's formula, decoupled weight decay) on flat tensors [n]: the fp32
+    `master`, `grad` and moments, and `param` (the model's weights, any float dtype) set to the
+    new master weights. 0-d device tensors: `step` (already counted), `lr`, `clip` (the
+    gradient's multiplier, None: 1) and `skip` (1.0: change nothing, for a non-finite step).
+    Tensors, not floats, for the values that change between steps: torch.compile would
+    specialise on a float."""
+    g = grad if clip is None else grad * clip
+    m = exp_avg * beta1 + g * (1 - beta1)
+    v = exp_avg_sq * beta2 + g * g * (1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = v.sqrt() / (1 - beta2**step).sqrt() + eps
+    p = master * (1 - lr * weight_decay) - step_size * m / denom
+    if skip is not None:
+        keep = skip > 0
+        m, v, p = (
+            torch.where(keep, old, new) for old, new in ((exp_avg, m), (exp_avg_sq, v), (master, p))
+        )
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    master.copy_(p)
+    param.copy_(p)
+
+
+_compiled_update = None
+
+
+def _update_kernel(device: torch.device):
+    """`adamw_update_` compiled into one kernel on GPUs (dynamic sizes: one graph for every
+    group's range); eager elsewhere."""
+    global _compiled_update
+    if device.type != "cuda":
+        return adamw_update_
+    if _compiled_update is None:
+        _compiled_update = torch.compile(adamw_update_, dynamic=True)
+    return _compiled_update
+
+
 class _Flat:
-    """The parameters reduced over one group: one flat fp32 gradient buffer (one collective),
-    and with sharding the flat parameters and this rank's slice [lo, hi) of both."""
+    """The parameters reduced over one group: their weights as views of one flat buffer, one
+    flat fp32 gradient buffer (one collective), and this rank's slice [lo, hi) of the layout,
+    whose fp32 master weights and moments it keeps (all of it unless sharded)."""
 
     def __init__(self, params: list[torch.Tensor], group, shard: bool):
         self.params, self.group = params, group
         size = _size(group)
         self.shard = shard and size > 1
         device = params[0].device
-        total = sum(p.numel() for p in params)
-        padded = -(-total // size) * size if self.shard else total
+        self.offsets, total = [], 0
+        for p in params:
+            self.offsets.append(total)
+            total += -(-p.numel() // ALIGN) * ALIGN
+        unit = size * ALIGN if self.shard else ALIGN  # every rank's slice aligned too
+        padded = -(-total // unit) * unit
         chunk = padded // size if self.shard else total
         lo = _rank(group) * chunk if self.shard else 0
         self.owned = (lo, lo + chunk)
         self.grad = torch.zeros(padded, dtype=torch.float32, device=device)
-        self.param = None
-        if self.shard:  # parameters become views of one buffer: one all-gather refreshes all
-            self.param = torch.zeros(padded, dtype=params[0].dtype, device=device)
+        self.param = torch.zeros(padded, dtype=params[0].dtype, device=device)
+        for p, offset in zip(params, self.offsets, strict=True):
+            self.param[offset : offset + p.numel()].copy_(p.detach().reshape(-1))
+        self.master = self.param[lo : lo + chunk].to(torch.float32, copy=True)
+        self.exp_avg = torch.zeros(chunk, dtype=torch.float32, device=device)
+        self.exp_avg_sq = torch.zeros(chunk, dtype=torch.float32, device=device)
+
+    def runs(self, selected: list[bool]) -> list[tuple[int, int]]:
+        """[a, b) in owned coordinates: this rank's part of each run of consecutive selected
+        parameters (the holes between them included: zeros, which the step leaves at zero)."""
+        lo, hi = self.owned
+        runs: list[list[int]] = []
+        previous = False
+        for p, offset, chosen in zip(self.params, self.offsets, selected, strict=True):
+            if chosen and previous:
+                runs[-1][1] = offset + p.numel()
+            elif chosen:
+                runs.append([offset, offset + p.numel()])
+            previous = chosen
+        clipped = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in runs]
+        return [  # pieces of at most MAX_RUN elements: 32-bit indexing in every kernel
+            (start, min(start + MAX_RUN, b)) for a, b in clipped for start in range(a, b, MAX_RUN)
+        ]
 
     def reduce(self, dp: int) -> None:
         """Sum over the group, divided by the data-parallel size `dp` (the gradient of the mean
@@ -112,7 +208,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         `expert_dp_group`: the data-parallel ranks holding this rank's experts (parameters
         marked `expert_parallel`), for an MoE model; None for a dense one.
         `skip_nonfinite`: a step whose gradient norm is not finite changes nothing (decided on
-        the device: the fused kernel's `found_inf`); `skipped` counts them."""
+        the device); `skipped` counts them."""
         super().__init__(param_groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.max_grad_norm = max_grad_norm
         self.dp_group, self.tp_group = dp_group, tp_group
@@ -128,9 +224,28 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if experts:
             group = dp_group if expert_dp_group is None else expert_dp_group
             self.flats.append(_Flat(experts, group, self.shard))
+        # one step count for every parameter (each parameter's state names it)
+        self.step_count = torch.zeros((), dtype=torch.float32, device=device)
+        self._lr = torch.zeros((), dtype=torch.float32, device=device)
         first = _rank(tp_group) == 0
         for flat in self.flats:
             self._lay_out(flat, first)
+        # Fixed for the optimizer's life, so made once (per-step Python over every parameter
+        # kept the host behind the device): the gradient slices the norm counts, one per
+        # parameter (so each parameter's sum of squares is the same in every layout), and per
+        # param group the ranges of the one-pass update.
+        self._norm_pieces = [
+            [
+                self.state[p]["grad"].reshape(-1)[slice(*self.state[p]["segment"])]
+                for p in flat.params
+                if self.state[p]["counted"] and self.state[p]["segment"] is not None
+            ]
+            for flat in self.flats
+        ]
+        self._update_runs = [
+            [(flat, flat.runs([p in members for p in flat.params])) for flat in self.flats]
+            for members in (set(g["params"]) for g in self.param_groups)
+        ]
         self._global_grad_norm: torch.Tensor | None = None
         self.skip_nonfinite = skip_nonfinite
         self.skipped = torch.zeros((), dtype=torch.float32, device=device)
@@ -142,29 +257,23 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def _lay_out(self, flat: _Flat, first_tp_rank: bool) -> None:
         """Each parameter's views into its flat buffers, and the state of the slice it owns."""
         lo, hi = flat.owned
-        offset = 0
-        for p in flat.params:
+        for p, offset in zip(flat.params, flat.offsets, strict=True):
             n = p.numel()
-            if flat.param is not None:
-                flat.param[offset : offset + n].copy_(p.detach().reshape(-1))
-                p.data = flat.param[offset : offset + n].view_as(p)
+            p.data = flat.param[offset : offset + n].view_as(p)
             start, end = max(offset, lo), min(offset + n, hi)
             segment = (start - offset, end - offset) if start < end else None
-            owned = 0 if segment is None else end - start
-            flat_p = p.detach().reshape(-1)
-            device = p.device
+            mine = slice(start - lo, end - lo) if segment else slice(0, 0)
             self.state[p] = {
                 "grad": flat.grad[offset : offset + n].view_as(p),
                 "segment": segment,
-                "master": flat_p[segment[0] : segment[1]].float().clone() if segment else None,
-                "exp_avg": torch.zeros(owned, dtype=torch.float32, device=device),
-                "exp_avg_sq": torch.zeros(owned, dtype=torch.float32, device=device),
-                "step": torch.zeros((), dtype=torch.float32, device=device),
+                "master": flat.master[mine] if segment else None,
+                "exp_avg": flat.exp_avg[mine],
+                "exp_avg_sq": flat.exp_avg_sq[mine],
+                "step": self.step_count,
                 # TP-sharded parameters count in the norm on every TP rank, replicated ones once
                 "counted": bool(getattr(p, "tensor_model_parallel", False)) or first_tp_rank,
                 "flat": flat,
             }
-            offset += n
             p.register_post_accumulate_grad_hook(self._accumulate)
 
     def _accumulate(self, p: torch.Tensor) -> None:
@@ -175,31 +284,22 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             self.state[p]["grad"].add_(p.grad)
         p.grad = None
 
-    def _owned(self, p) -> tuple[torch.Tensor, ...] | None:
-        """This rank's slice of p: (flat grad, flat param) views, or None if it owns none."""
-        state = self.state[p]
-        if state["segment"] is None:
-            return None
-        a, b = state["segment"]
-        return state["grad"].reshape(-1)[a:b], p.detach().reshape(-1)[a:b]
-
     def _reduce_gradients(self) -> None:
         for flat in self.flats:
             flat.reduce(self.dp)
 
-    def _sumsq(self, flat: _Flat) -> torch.Tensor:
+    def _sumsq(self, flat: _Flat, pieces: list[torch.Tensor]) -> torch.Tensor:
         """Sum of squares of the counted gradient elements this rank owns in `flat`."""
-        pieces = [
-            owned[0] for p in flat.params
-            if self.state[p]["counted"] and (owned := self._owned(p)) is not None
-        ]  # fmt: skip
         if not pieces:
             return torch.zeros((), device=flat.grad.device)
         return torch.stack(torch._foreach_norm(pieces)).square().sum()
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the (averaged) gradient over the whole model, each element once."""
-        sums = [self._sumsq(flat) for flat in self.flats]
+        sums = [
+            self._sumsq(flat, pieces)
+            for flat, pieces in zip(self.flats, self._norm_pieces, strict=True)
+        ]
         if self.expert_dp_group is not None and len(self.flats) == 1:
             sums.append(torch.zeros_like(sums[0]))  # a pipeline stage without experts
         sums = torch.stack(sums)  # [dense, experts]: the same shape on every rank
@@ -226,38 +326,32 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         norm = self._grad_norm()
         self._global_grad_norm = norm
         clip = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0) if self.max_grad_norm else None
-        found_inf = None
+        skip = None
         if self.skip_nonfinite:  # 1.0 when this step must change nothing, on the device
-            found_inf = (~torch.isfinite(norm)).float()
-            self.skipped += found_inf
-        for group in self.param_groups:
-            mine = [p for p in group["params"] if self.state[p]["segment"] is not None]
-            if not mine:
-                continue
-            states = [self.state[p] for p in mine]
-            grads = [self._owned(p)[0] for p in mine]
-            if clip is not None:
-                torch._foreach_mul_(grads, clip)
-            steps = [s["step"] for s in states]
-            torch._foreach_add_(steps, 1.0 if found_inf is None else [1.0 - found_inf] * len(steps))
+            skip = (~torch.isfinite(norm)).float()
+            self.skipped += skip
+        self.step_count += 1.0 if skip is None else 1.0 - skip
+        for group, runs in zip(self.param_groups, self._update_runs, strict=True):
+            self._lr.fill_(group["lr"])  # a fill kernel: no host-to-device copy
             beta1, beta2 = group["betas"]
-            torch._fused_adamw_(
-                [s["master"] for s in states],
-                grads,
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [],
-                steps,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                amsgrad=False,
-                maximize=False,
-                found_inf=found_inf,
-            )
-            torch._foreach_copy_([self._owned(p)[1] for p in mine], [s["master"] for s in states])
+            for flat, ranges in runs:
+                lo = flat.owned[0]
+                for a, b in ranges:
+                    _update_kernel(flat.grad.device)(
+                        flat.param[lo + a : lo + b],
+                        flat.master[a:b],
+                        flat.grad[lo + a : lo + b],
+                        flat.exp_avg[a:b],
+                        flat.exp_avg_sq[a:b],
+                        step=self.step_count,
+                        lr=self._lr,
+                        clip=clip,
+                        skip=skip,
+                        beta1=beta1,
+                        beta2=beta2,
+                        eps=group["eps"],
+                        weight_decay=group["weight_decay"],
+                    )
         for flat in self.flats:
             if flat.shard:
                 flat.gather()
@@ -300,11 +394,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     state[key].copy_(values[kind].reshape(-1)[a:b])
 
     def get_step(self) -> int:
-        steps = {int(s["step"]) for s in self.state.values() if s["segment"] is not None}
-        if len(steps) > 1:
-            raise RuntimeError(f"optimizer slices disagree on the step count: {sorted(steps)}")
-        return steps.pop() if steps else 0
+        return int(self.step_count)
 
     def set_step(self, step: int) -> None:
-        for state in self.state.values():
-            state["step"].fill_(float(step))
+        self.step_count.fill_(float(step))
