@@ -18,6 +18,7 @@ from pretrain.parallel.memory import (
     layers_per_stage,
     parameter_counts,
     per_gpu_memory,
+    rope_table_bytes,
     run_plan,
     stage_parameter_counts,
 )
@@ -147,7 +148,8 @@ def test_activation_formula_equals_saved_tensors(runtime, dtype, groups, ckpt, h
     v_pad = parameter_counts(cfg, VOCAB)["padded_vocab"]
     head, _ = head_activation_bytes(cfg, v_pad, b, s, 1, e)
     per_layer = e * s * b * cfg.hidden_size if ckpt else layer_activation_bytes(cfg, b, s, 1, e)
-    assert measured == cfg.num_layers * per_layer + head + 8 * s * b  # + token ids
+    table = 0 if ckpt else rope_table_bytes(cfg, s, e)  # shared by the layers
+    assert measured == cfg.num_layers * per_layer + table + head + 8 * s * b  # + token ids
 
 
 def _plan(argv: list[str]) -> int:

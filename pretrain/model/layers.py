@@ -51,26 +51,29 @@ class RMSNorm(torch.nn.Module):
 
 class RotaryEmbedding(torch.nn.Module):
     """RoPE's cos/sin table in Megatron's layout, [s, 1, 1, head_dim], of the angles
-    angle_{p,j} = p * base^(-2j/d), made once per sequence length and kept.
+    angle_{p,j} = p * base^(-2j/d), made once per sequence length and dtype and kept.
 
     The two halves repeat the same frequencies (non-interleaved, "rotate_half" convention, as in
-    Llama); `pretrain.model.attention.apply_rope` rotates q and k with it.
+    Llama); `pretrain.model.attention.apply_rope` rotates q and k with it. The table is made in
+    fp32 and stored in the dtype asked for (the activations'), as Megatron casts cos and sin to
+    q's dtype before rotating: every layer then uses (and autograd saves) the same two tensors.
     """
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self._cache: tuple[int, torch.device, RopeTable] | None = None
+        self._cache: tuple[tuple, RopeTable] | None = None
 
-    def forward(self, seq_len: int) -> RopeTable:
+    def forward(self, seq_len: int, dtype: torch.dtype = torch.float32) -> RopeTable:
         device = self.inv_freq.device
-        if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
+        key = (seq_len, device, dtype)
+        if self._cache is None or self._cache[0] != key:
             positions = torch.arange(seq_len, device=device, dtype=torch.float32)
             freqs = torch.outer(positions, self.inv_freq.float())  # [s, d/2]
             emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [s, 1, 1, d]
-            self._cache = (seq_len, device, RopeTable(emb.cos(), emb.sin()))
-        return self._cache[2]
+            self._cache = (key, RopeTable(emb.cos().to(dtype), emb.sin().to(dtype)))
+        return self._cache[1]
 
 
 class RowParallelLinearWithGroup(RowParallelLinear):

@@ -418,7 +418,7 @@ class DLMTransformer(torch.nn.Module):
     ) -> torch.Tensor:
         """tokens [b, s] -> the last layer's hidden states [s, b, h] (before the final norm)."""
         hidden = self.embedding(tokens)  # [s, b, h]
-        rope = rope_table(self.rotary, tokens.shape[1], position_ids)
+        rope = rope_table(self.rotary, tokens.shape[1], position_ids, hidden.dtype)
         return self.trunk(hidden, prepare_mask(self.prepare_mask, attention_mask), rope)
 
     def trunk(self, hidden, attention_mask, rope) -> torch.Tensor:
@@ -454,10 +454,10 @@ def run_layer(layer, hidden, attention_mask, rope: RopeTable, recompute: bool) -
     return layer(hidden, attention_mask=inputs, rotary_pos_emb=None)[0]
 
 
-def rope_table(rotary: RotaryEmbedding, seq_len: int, position_ids) -> RopeTable:
-    """RoPE's cos/sin [s, 1, 1, d] for positions 0..s-1, or for `position_ids` [s] (a gather,
-    not a max(): no device sync for the table size)."""
-    rope = rotary(seq_len)
+def rope_table(rotary: RotaryEmbedding, seq_len: int, position_ids, dtype) -> RopeTable:
+    """RoPE's cos/sin [s, 1, 1, d] in `dtype` for positions 0..s-1, or for `position_ids` [s]
+    (a gather, not a max(): no device sync for the table size)."""
+    rope = rotary(seq_len, dtype)
     return rope if position_ids is None else rope.rows(position_ids)
 
 

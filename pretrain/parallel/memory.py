@@ -34,7 +34,8 @@ in bf16, 4 in fp32; "/t" marks tensors split by tp, the rest are replicated on e
     RMSNorm x2        2 * (4 sbh [fp32 upcast of input] + 2 e sbh [normed, and the output that
                       the next linear saves]) + 2 * 4 sb [rstd]
     fused QKV out     e sb (n_q + 2 n_kv) d / t  [v is a view of it, so attention keeps it whole]
-    RoPE q, k         e sb (n_q + n_kv) d / t  + 4 e s d [cos/sin]
+    RoPE q, k         e sb (n_q + n_kv) d / t  [the rotated q and k; the cos/sin table, 2 e s d,
+                      is one pair of tensors that every layer shares: counted once per stage]
     SDPA (flash/cuDNN kernels keep no s x s matrix)   4 b s n_q / t [logsumexp]
                       + e sbh / t [output, which is also the proj input: it is written in the
                       query's [s, b] layout]; the `flash` backend writes [b, s], so its reshape
@@ -207,13 +208,18 @@ def stage_parameter_split(
     return [(dense, experts) for dense, experts in counts]
 
 
+def rope_table_bytes(model: ModelConfig, s: int, e: int) -> int:
+    """RoPE's cos/sin table [s, d] x 2, made once and shared by every layer and micro-batch."""
+    return 2 * e * s * (model.hidden_size // model.num_attention_heads)
+
+
 def layer_activation_bytes(model: ModelConfig, b: int, s: int, tp: int, e: int) -> int:
     """Saved-for-backward bytes of one transformer layer (module docstring has the terms)."""
     h, n_q, f = model.hidden_size, model.num_attention_heads, model.ffn_hidden_size
     n_kv, d, sb = model.num_query_groups or n_q, h // n_q, s * b
     norms = 2 * ((4 + 2 * e) * sb * h + 4 * sb)
     qkv = e * sb * (n_q + 2 * n_kv) * d // tp
-    rope = e * sb * (n_q + n_kv) * d // tp + 4 * e * s * d
+    rope = e * sb * (n_q + n_kv) * d // tp
     attn = 4 * b * s * n_q // tp + e * sb * h // tp
     if model.attention_backend == "flash":
         attn += e * sb * h // tp
@@ -280,6 +286,7 @@ def _stage_activations(model: ModelConfig, v_pad: int, layout: Layout, k: int) -
         return (pp - k) * per_mb + max(head, layer if n else 0)
     per_mb += layers + (x if k > 0 else 0)
     transient = dispatch if any(kinds) else 0
+    transient += rope_table_bytes(model, s, e) if n else 0  # shared by the micro-batches
     if last:
         return per_mb + max(head_transient, transient) + head_saved
     return (pp - k) * per_mb + transient

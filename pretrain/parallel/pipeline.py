@@ -53,10 +53,10 @@ class _StageInputs:
         self._key: tuple | None = None
         self._value: tuple | None = None
 
-    def get(self, rotary: RotaryEmbedding, seq_len: int, side: tuple) -> tuple:
+    def get(self, rotary: RotaryEmbedding, seq_len: int, side: tuple, dtype) -> tuple:
         if self._key is None or any(a is not b for a, b in zip(self._key, side, strict=True)):
             position_ids, attention = unpack_side(*side)
-            rope = rope_table(rotary, seq_len, position_ids)
+            rope = rope_table(rotary, seq_len, position_ids, dtype)
             self._key, self._value = side, (rope, prepare_mask(self.prepare, attention))
         return self._value
 
@@ -91,7 +91,7 @@ class LayerStage(torch.nn.Module):
         hidden, *side = packed
         # Under sequence parallelism a stage receives [s / tp, b, h]; attention sees all s.
         seq = hidden.shape[0] * (self.tp if self.layer.config.sequence_parallel else 1)
-        rope, mask = self.shared[0].get(self.rotary, seq, tuple(side))
+        rope, mask = self.shared[0].get(self.rotary, seq, tuple(side), hidden.dtype)
         hidden = run_layer(self.layer, hidden, mask, rope, self.recompute and self.training)
         return (hidden, *side)
 
