@@ -53,7 +53,8 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {}
 
 @dataclass(frozen=True)
 class RopeTable:
-    """cos and sin of RoPE's angles, fp32 [s, 1, 1, head_dim] (Megatron's [s, b, heads, d])."""
+    """cos and sin of RoPE's angles [s, 1, 1, head_dim] (Megatron's [s, b, heads, d] layout),
+    in the activations' dtype (`RotaryEmbedding`)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -72,8 +73,8 @@ def apply_rope(t: torch.Tensor, rope: RopeTable) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AttentionInputs:
-    """What each layer's core attention takes besides q, k, v, made once per forward: the mask
-    in its backend's form (`AttentionBackend.prepare`; None: bidirectional) and RoPE's table
+    """What each layer's core attention takes besides q, k, v: the mask in its backend's form
+    (made once per forward by `AttentionBackend.prepare`; None: bidirectional) and RoPE's table
     (None: no rotary embedding)."""
 
     mask: object = None

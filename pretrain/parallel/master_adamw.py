@@ -163,6 +163,18 @@ class _Flat:
             (start, min(start + MAX_RUN, b)) for a, b in clipped for start in range(a, b, MAX_RUN)
         ]
 
+    def slices(self, a: int, b: int) -> tuple[torch.Tensor, ...]:
+        """Views of [a, b) (owned coordinates): weights, master, gradient and both moments, in
+        `adamw_update_`'s order."""
+        lo = self.owned[0]
+        return (
+            self.param[lo + a : lo + b],
+            self.master[a:b],
+            self.grad[lo + a : lo + b],
+            self.exp_avg[a:b],
+            self.exp_avg_sq[a:b],
+        )
+
     def reduce(self, dp: int) -> None:
         """Sum over the group, divided by the data-parallel size `dp` (the gradient of the mean
         of all replicas' losses)."""
@@ -242,8 +254,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             ]
             for flat in self.flats
         ]
-        self._update_runs = [
-            [(flat, flat.runs([p in members for p in flat.params])) for flat in self.flats]
+        self._update_slices = [  # per group: (param, master, grad, exp_avg, exp_avg_sq) views
+            [
+                flat.slices(a, b)
+                for flat in self.flats
+                for a, b in flat.runs([p in members for p in flat.params])
+            ]
             for members in (set(g["params"]) for g in self.param_groups)
         ]
         self._global_grad_norm: torch.Tensor | None = None
@@ -331,27 +347,21 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             skip = (~torch.isfinite(norm)).float()
             self.skipped += skip
         self.step_count += 1.0 if skip is None else 1.0 - skip
-        for group, runs in zip(self.param_groups, self._update_runs, strict=True):
+        for group, slices in zip(self.param_groups, self._update_slices, strict=True):
             self._lr.fill_(group["lr"])  # a fill kernel: no host-to-device copy
             beta1, beta2 = group["betas"]
-            for flat, ranges in runs:
-                lo = flat.owned[0]
-                for a, b in ranges:
-                    _update_kernel(flat.grad.device)(
-                        flat.param[lo + a : lo + b],
-                        flat.master[a:b],
-                        flat.grad[lo + a : lo + b],
-                        flat.exp_avg[a:b],
-                        flat.exp_avg_sq[a:b],
-                        step=self.step_count,
-                        lr=self._lr,
-                        clip=clip,
-                        skip=skip,
-                        beta1=beta1,
-                        beta2=beta2,
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                    )
+            for views in slices:
+                _update_kernel(self.step_count.device)(
+                    *views,
+                    step=self.step_count,
+                    lr=self._lr,
+                    clip=clip,
+                    skip=skip,
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                )
         for flat in self.flats:
             if flat.shard:
                 flat.gather()

@@ -286,10 +286,10 @@ def _stage_activations(model: ModelConfig, v_pad: int, layout: Layout, k: int) -
         return (pp - k) * per_mb + max(head, layer if n else 0)
     per_mb += layers + (x if k > 0 else 0)
     transient = dispatch if any(kinds) else 0
-    transient += rope_table_bytes(model, s, e) if n else 0  # shared by the micro-batches
+    table = rope_table_bytes(model, s, e) if n else 0  # saved once, shared by the micro-batches
     if last:
-        return per_mb + max(head_transient, transient) + head_saved
-    return (pp - k) * per_mb + transient
+        return per_mb + max(head_transient, transient) + head_saved + table
+    return (pp - k) * per_mb + transient + table
 
 
 def check_layout(model: ModelConfig, layout: Layout) -> None:
